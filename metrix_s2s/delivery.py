@@ -1,0 +1,276 @@
+"""One delivery attempt of one event, from validation to verdict, independent of Celery.
+
+:meth:`Deliverer.deliver` validates the event, claims it in the ledger, POSTs it, classifies the
+answer and decides: delivered, a duplicate (already delivered), retry after a countdown, defer
+(another worker holds it right now), or dead-lettered with a reason. The Celery task only maps that
+decision onto Celery (return, ``retry``), so this module is where the reliability rules live.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .backoff import retry_delay
+from .client import DEFAULT_POOL_SIZE, MetrixClient
+from .deadletter import DeadLetterStore, Reason
+from .errors import InvalidEvent, format_messages
+from .ledger import ClaimState, Ledger
+from .outcome import Kind, Outcome
+from .redis_client import get_redis
+from .schema import now_ms, validate_event
+from .settings import Settings, get_settings
+
+logger = logging.getLogger("metrix_s2s.delivery")
+
+#: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
+GUARD_MARGIN_S = 15.0
+
+_KIND_TO_REASON = {Kind.REJECTED: Reason.REJECTED, Kind.CONFIG: Reason.CONFIG}
+
+
+class Action(enum.StrEnum):
+    DELIVERED = "delivered"
+    DUPLICATE = "duplicate"  # the ledger says it was delivered already: nothing sent
+    RETRY = "retry"  # a retryable failure: try again after ``countdown_s``
+    DEFER = "defer"  # another worker is sending it now: look again after ``countdown_s``
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The decision for one attempt."""
+
+    action: Action
+    attempt: int = 0
+    countdown_s: float = 0.0
+    outcome: Outcome | None = None
+    reason: Reason | None = None
+
+
+class Deliverer:
+    """Delivers events for one :class:`Settings`: the ledger, the dead-letter store, the client."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        client = get_redis(settings.redis_url)
+        self.ledger = Ledger(
+            client,
+            prefix=settings.key_prefix,
+            ttl_s=settings.ledger_ttl_s,
+            guard_ttl_s=settings.time_limit_s + GUARD_MARGIN_S,
+        )
+        self.dead_letters = DeadLetterStore(
+            client,
+            prefix=settings.key_prefix,
+            retention_s=settings.dlq_retention_s,
+            max_entries=settings.dlq_max_entries,
+        )
+        self.client = MetrixClient(
+            settings.base_url,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+            pool_size=pool_size,
+        )
+        self._rand = rand
+
+    def deliver(self, app_id: Any, event: Any, event_id: str) -> Result:
+        """Make one attempt at delivering ``event`` for ``app_id``; never raises for a bad event
+        or a bad answer (only for Redis being unreachable)."""
+        try:
+            if not isinstance(app_id, str) or not app_id.strip():
+                raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+            normalized = validate_event(event)
+        except InvalidEvent as exc:
+            detail = format_messages(exc.messages)
+            return self._dead(app_id, event, event_id, Reason.INVALID, detail=detail)
+        app = self.settings.app(app_id)
+        if app is None:
+            detail = f"app {app_id!r} is not configured in METRIX_APPS on the worker"
+            return self._dead(app_id, normalized, event_id, Reason.CONFIG, detail=detail)
+
+        token = uuid.uuid4().hex
+        claim = self.ledger.claim(event_id, token)
+        if claim.state is ClaimState.DELIVERED:
+            self._log(logging.INFO, "duplicate", app_id, event_id, 0, None, 0.0)
+            return Result(Action.DUPLICATE)
+        if claim.state is ClaimState.BUSY:
+            countdown = claim.busy_for_ms / 1000 + self._rand()
+            return Result(Action.DEFER, countdown_s=countdown)
+
+        policy = self.settings.retry
+        attempt = claim.attempt
+        if attempt > policy.max_attempts + self.settings.max_redeliveries:
+            detail = (
+                f"claimed {attempt - 1} times without a verdict: the worker keeps dying or "
+                "timing out on this event"
+            )
+            return self._dead(
+                app_id,
+                normalized,
+                event_id,
+                Reason.POISON,
+                detail=detail,
+                attempts=attempt - 1,
+                token=token,
+                fingerprint=app.key_fingerprint,
+            )
+
+        started = time.perf_counter()
+        outcome = self.client.send(app_id, app.dev_key, normalized)
+        latency_ms = (time.perf_counter() - started) * 1000
+
+        if outcome.delivered:
+            self.ledger.delivered(event_id, token, outcome.status, now_ms())
+            self._log(logging.INFO, "delivered", app_id, event_id, attempt, outcome, latency_ms)
+            return Result(Action.DELIVERED, attempt=attempt, outcome=outcome)
+
+        if outcome.kind is Kind.RETRYABLE:
+            delay = retry_delay(
+                attempt,
+                outcome.retry_after_s,
+                base_s=policy.backoff_base_s,
+                max_s=policy.backoff_max_s,
+                retry_after_max_s=policy.retry_after_max_s,
+                rand=self._rand,
+            )
+            out_of_time = claim.elapsed_s + delay > policy.retry_window_s
+            if attempt < policy.max_attempts and not out_of_time:
+                self.ledger.release(event_id, token)
+                self._log(logging.WARNING, "retry", app_id, event_id, attempt, outcome, latency_ms)
+                return Result(Action.RETRY, attempt=attempt, countdown_s=delay, outcome=outcome)
+            why = "attempts" if attempt >= policy.max_attempts else "retry window"
+            detail = f"{outcome.detail}; gave up after {attempt} attempts ({why} exhausted)"
+            return self._dead(
+                app_id,
+                normalized,
+                event_id,
+                Reason.EXHAUSTED,
+                outcome=outcome,
+                detail=detail,
+                attempts=attempt,
+                token=token,
+                fingerprint=app.key_fingerprint,
+                latency_ms=latency_ms,
+            )
+
+        return self._dead(
+            app_id,
+            normalized,
+            event_id,
+            _KIND_TO_REASON[outcome.kind],
+            outcome=outcome,
+            detail=outcome.detail,
+            attempts=attempt,
+            token=token,
+            fingerprint=app.key_fingerprint,
+            latency_ms=latency_ms,
+        )
+
+    def dead_letter_error(
+        self, app_id: Any, event: Any, event_id: str, exc: BaseException
+    ) -> Result:
+        """Park an event whose delivery failed inside the worker (a bug, not Metrix's answer)."""
+        detail = f"internal error: {type(exc).__name__}: {exc}"[:500]
+        return self._dead(app_id, event, event_id, Reason.POISON, detail=detail)
+
+    def _dead(
+        self,
+        app_id: Any,
+        event: Any,
+        event_id: str,
+        reason: Reason,
+        *,
+        detail: str,
+        outcome: Outcome | None = None,
+        attempts: int = 0,
+        token: str = "",
+        fingerprint: str = "",
+        latency_ms: float = 0.0,
+    ) -> Result:
+        self.dead_letters.add(
+            event_id=event_id,
+            app_id=str(app_id),
+            event=event,
+            reason=reason,
+            now_ms=now_ms(),
+            status=outcome.status if outcome else None,
+            excerpt=outcome.excerpt if outcome else "",
+            detail=detail,
+            attempts=attempts,
+            key_fingerprint=fingerprint,
+        )
+        self.ledger.release(event_id, token, final=True)
+        self._log(
+            logging.ERROR,
+            f"dead_lettered:{reason}",
+            app_id,
+            event_id,
+            attempts,
+            outcome,
+            latency_ms,
+        )
+        return Result(Action.DEAD_LETTERED, attempt=attempts, outcome=outcome, reason=reason)
+
+    @staticmethod
+    def _log(
+        level: int,
+        what: str,
+        app_id: Any,
+        event_id: str,
+        attempt: int,
+        outcome: Outcome | None,
+        latency_ms: float,
+    ) -> None:
+        if not logger.isEnabledFor(level):
+            return
+        status = outcome.status if outcome and outcome.status is not None else "-"
+        detail = f" detail={outcome.detail!r}" if outcome and outcome.detail else ""
+        logger.log(
+            level,
+            "%s app=%s event=%s attempt=%d status=%s latency_ms=%.1f%s",
+            what,
+            app_id,
+            event_id,
+            attempt,
+            status,
+            latency_ms,
+            detail,
+        )
+
+
+_lock = threading.Lock()
+_deliverer: Deliverer | None = None
+_pool_size = DEFAULT_POOL_SIZE
+
+
+def set_pool_size(concurrency: int) -> None:
+    """Size HTTP connection pools for a worker's concurrency (called when a worker starts)."""
+    global _pool_size  # noqa: PLW0603
+    _pool_size = max(DEFAULT_POOL_SIZE, concurrency)
+
+
+def get_deliverer() -> Deliverer:
+    """This process's deliverer for the current settings, created on first use."""
+    global _deliverer  # noqa: PLW0603 - one per process, rebuilt when the settings change
+    settings = get_settings()
+    deliverer = _deliverer
+    if deliverer is None or deliverer.settings is not settings:
+        with _lock:
+            if _deliverer is None or _deliverer.settings is not settings:
+                _deliverer = Deliverer(settings, pool_size=_pool_size)
+            deliverer = _deliverer
+    return deliverer

@@ -1,0 +1,55 @@
+"""The Redis client for dead letters and the delivery ledger: one per process and URL.
+
+Built lazily and rebuilt after a fork, so a prefork child never shares a socket with its parent.
+No connection is made at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import redis
+
+#: Seconds to wait for a TCP connection to Redis before giving up.
+CONNECT_TIMEOUT_S = 3.0
+#: Seconds to wait for a Redis reply.
+SOCKET_TIMEOUT_S = 5.0
+
+_lock = threading.Lock()
+_clients: dict[str, redis.Redis] = {}
+_pid = os.getpid()
+
+
+def get_redis(url: str) -> redis.Redis:
+    """A client for ``url`` shared by the threads of this process.
+
+    The connection pool grows on demand to the worker pool's concurrency (one connection per
+    thread or greenlet that is talking to Redis at that moment).
+    """
+    global _pid  # noqa: PLW0603 - per-process cache, reset after fork
+    if _pid != os.getpid():
+        _reset()
+        _pid = os.getpid()
+    client = _clients.get(url)
+    if client is None:
+        with _lock:
+            client = _clients.get(url)
+            if client is None:
+                client = redis.Redis.from_url(
+                    url,
+                    socket_connect_timeout=CONNECT_TIMEOUT_S,
+                    socket_timeout=SOCKET_TIMEOUT_S,
+                    health_check_interval=30,
+                )
+                _clients[url] = client
+    return client
+
+
+def _reset() -> None:
+    """Forget clients inherited from a parent process without closing its sockets."""
+    with _lock:
+        _clients.clear()
+
+
+os.register_at_fork(after_in_child=_reset)

@@ -1,0 +1,305 @@
+"""Configuration, read from the environment in this one place.
+
+:func:`get_settings` reads the environment once per process and returns a frozen
+:class:`Settings`; nothing else in the package reads ``os.environ``. Every error names the variable
+that is wrong. Dev-keys live only in :class:`AppConfig`, whose ``repr`` redacts them.
+
+Variables (defaults in parentheses):
+
+===========================  ======================================================================
+``CELERY_BROKER_URL``        broker (``redis://127.0.0.1:6379/0``); Redis or RabbitMQ (``amqp://``)
+``METRIX_REDIS_URL``         Redis for dead letters and the delivery ledger (the broker, when it is
+                             Redis; required otherwise)
+``METRIX_BASE_URL``          Metrix's base URL (``https://analytics.metrix.ir``)
+``METRIX_APPS``              JSON object, app id to dev-key, or to ``{"dev_key": ..., "rate_limit":
+                             "10/s"}``
+``METRIX_RATE_LIMIT``        default per-app delivery rate shared by the pool (``100/s``)
+``METRIX_MAX_ATTEMPTS``      delivery attempts before an event is dead-lettered as exhausted (8)
+``METRIX_BACKOFF_BASE``      first backoff ceiling in seconds; doubles per attempt (2)
+``METRIX_BACKOFF_MAX``       longest single wait between attempts, in seconds (120)
+``METRIX_RETRY_AFTER_MAX``   cap on a server's ``Retry-After``, in seconds (120)
+``METRIX_RETRY_WINDOW``      longest total time an event spends retrying, in seconds (900)
+``METRIX_CONNECT_TIMEOUT``   HTTP connect timeout, in seconds (3.05)
+``METRIX_READ_TIMEOUT``      HTTP read timeout, in seconds (10)
+``METRIX_LEDGER_TTL``        how long a delivered event id is remembered, in seconds (7 days)
+``METRIX_MAX_REDELIVERIES``  crashed deliveries tolerated beyond the attempts before an event is
+                             dead-lettered as poison (5)
+``METRIX_DLQ_RETENTION``     how long a dead letter is kept, in seconds (30 days)
+``METRIX_DLQ_MAX_ENTRIES``   most dead letters kept; the oldest go first (100000)
+``METRIX_VISIBILITY_TIMEOUT`` Redis broker: seconds before an unacknowledged message is handed to
+                             another worker (longest wait + hard time limit + 30); a smaller value
+                             than the longest wait plus the hard time limit is refused
+``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
+===========================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_BASE_URL = "https://analytics.metrix.ir"
+DEFAULT_RATE_LIMIT = "100/s"
+#: Seconds added to the HTTP timeouts to give the soft time limit.
+TIME_LIMIT_MARGIN_S = 5.0
+#: Seconds between the soft and the hard time limit.
+HARD_LIMIT_GRACE_S = 5.0
+#: Seconds added on top of the longest wait plus the hard limit for the visibility timeout.
+VISIBILITY_MARGIN_S = 30.0
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_RATE_UNITS |= {"h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: str, variable: str) -> float:
+    """``"100/s"``, ``"600/m"`` or ``"3600/h"`` as events per second."""
+    match = _RATE_RE.match(value)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigurationError(
+            f"{variable}: {value!r} is not a rate like '100/s', '600/m' or '3600/h'"
+        )
+    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """One Metrix app: its id, its dev-key (never shown) and an optional own rate limit."""
+
+    app_id: str
+    dev_key: str = field(repr=False)
+    rate_limit: str | None = None
+
+    def __repr__(self) -> str:
+        limit = self.rate_limit
+        return f"AppConfig(app_id={self.app_id!r}, dev_key='<redacted>', rate_limit={limit!r})"
+
+    @property
+    def key_fingerprint(self) -> str:
+        """A short, non-reversible fingerprint of the dev-key, to tell keys apart in records."""
+        return hashlib.sha256(self.dev_key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How retryable failures are retried. Times in seconds."""
+
+    max_attempts: int = 8
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 120.0
+    retry_after_max_s: float = 120.0
+    retry_window_s: float = 900.0
+
+    @property
+    def longest_wait_s(self) -> float:
+        """The longest single countdown a retry can get."""
+        return max(self.backoff_max_s, self.retry_after_max_s)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything metrix-s2s reads from the environment, typed and validated."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    redis_url: str = DEFAULT_BROKER_URL
+    base_url: str = DEFAULT_BASE_URL
+    apps: Mapping[str, AppConfig] = field(default_factory=lambda: MappingProxyType({}))
+    rate_limit: str = DEFAULT_RATE_LIMIT
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    connect_timeout_s: float = 3.05
+    read_timeout_s: float = 10.0
+    ledger_ttl_s: int = 7 * 24 * 3600
+    max_redeliveries: int = 5
+    dlq_retention_s: int = 30 * 24 * 3600
+    dlq_max_entries: int = 100_000
+    key_prefix: str = "metrix"
+    visibility_timeout_override_s: int | None = None
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return urlsplit(self.broker_url).scheme in _REDIS_SCHEMES
+
+    @property
+    def soft_time_limit_s(self) -> float:
+        """A delivery attempt's soft limit: above the HTTP timeouts, so they fire first."""
+        return self.connect_timeout_s + self.read_timeout_s + TIME_LIMIT_MARGIN_S
+
+    @property
+    def time_limit_s(self) -> float:
+        return self.soft_time_limit_s + HARD_LIMIT_GRACE_S
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis broker: how long an unacknowledged message waits before redelivery.
+
+        It must exceed the longest countdown (a retry waits unacknowledged in a worker) plus the
+        hard time limit, or a waiting message is handed to a second worker. It is also how long the
+        events of a crashed worker wait before another worker gets them.
+        """
+        if self.visibility_timeout_override_s is not None:
+            return self.visibility_timeout_override_s
+        return int(self.retry.longest_wait_s + self.time_limit_s + VISIBILITY_MARGIN_S)
+
+    @property
+    def min_visibility_timeout_s(self) -> float:
+        """Anything shorter hands a message that is still waiting or running to a second worker."""
+        return self.retry.longest_wait_s + self.time_limit_s
+
+    def app(self, app_id: str) -> AppConfig | None:
+        return self.apps.get(app_id)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise :class:`ConfigurationError` naming it."""
+        env = os.environ if environ is None else environ
+        reader = _EnvReader(env)
+        broker_url = env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+        redis_url = env.get("METRIX_REDIS_URL") or ""
+        if not redis_url:
+            if urlsplit(broker_url).scheme not in _REDIS_SCHEMES:
+                raise ConfigurationError(
+                    "METRIX_REDIS_URL is required when CELERY_BROKER_URL is not a Redis URL "
+                    "(dead letters and the delivery ledger live in Redis)"
+                )
+            redis_url = broker_url
+        elif urlsplit(redis_url).scheme not in _REDIS_SCHEMES:
+            raise ConfigurationError(
+                "METRIX_REDIS_URL must be a redis://, rediss:// or unix:// URL"
+            )
+        base_url = (env.get("METRIX_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        if urlsplit(base_url).scheme not in {"http", "https"} or not urlsplit(base_url).netloc:
+            raise ConfigurationError(f"METRIX_BASE_URL: {base_url!r} is not an http(s) URL")
+        rate_limit = env.get("METRIX_RATE_LIMIT") or DEFAULT_RATE_LIMIT
+        parse_rate(rate_limit, "METRIX_RATE_LIMIT")
+        retry = RetryPolicy(
+            max_attempts=reader.int("METRIX_MAX_ATTEMPTS", RetryPolicy.max_attempts, minimum=1),
+            backoff_base_s=reader.float("METRIX_BACKOFF_BASE", RetryPolicy.backoff_base_s),
+            backoff_max_s=reader.float("METRIX_BACKOFF_MAX", RetryPolicy.backoff_max_s),
+            retry_after_max_s=reader.float("METRIX_RETRY_AFTER_MAX", RetryPolicy.retry_after_max_s),
+            retry_window_s=reader.float("METRIX_RETRY_WINDOW", RetryPolicy.retry_window_s),
+        )
+        settings = cls(
+            broker_url=broker_url,
+            redis_url=redis_url,
+            base_url=base_url,
+            apps=MappingProxyType(parse_apps(env.get("METRIX_APPS") or "{}")),
+            rate_limit=rate_limit,
+            retry=retry,
+            connect_timeout_s=reader.float("METRIX_CONNECT_TIMEOUT", cls.connect_timeout_s),
+            read_timeout_s=reader.float("METRIX_READ_TIMEOUT", cls.read_timeout_s),
+            ledger_ttl_s=reader.int("METRIX_LEDGER_TTL", cls.ledger_ttl_s, minimum=60),
+            max_redeliveries=reader.int("METRIX_MAX_REDELIVERIES", cls.max_redeliveries),
+            dlq_retention_s=reader.int("METRIX_DLQ_RETENTION", cls.dlq_retention_s, minimum=60),
+            dlq_max_entries=reader.int("METRIX_DLQ_MAX_ENTRIES", cls.dlq_max_entries, minimum=1),
+            key_prefix=env.get("METRIX_KEY_PREFIX") or cls.key_prefix,
+        )
+        visibility = reader.int("METRIX_VISIBILITY_TIMEOUT", 0)
+        if visibility:
+            if visibility <= settings.min_visibility_timeout_s:
+                raise ConfigurationError(
+                    f"METRIX_VISIBILITY_TIMEOUT: {visibility}s is not above the longest retry wait "
+                    f"plus the hard time limit ({settings.min_visibility_timeout_s:g}s); a waiting "
+                    "or running message would be handed to a second worker"
+                )
+            settings = replace(settings, visibility_timeout_override_s=visibility)
+        return settings
+
+
+def parse_apps(raw: str) -> dict[str, AppConfig]:
+    """Parse ``METRIX_APPS``. Error messages never include a dev-key."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(
+            f"METRIX_APPS is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            'expected an object like {"APP_ID": "DEV_KEY"}'
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigurationError('METRIX_APPS must be a JSON object like {"APP_ID": "DEV_KEY"}')
+    apps: dict[str, AppConfig] = {}
+    for app_id, raw_value in data.items():
+        if not app_id.strip():
+            raise ConfigurationError("METRIX_APPS has an empty app id")
+        value = {"dev_key": raw_value} if isinstance(raw_value, str) else raw_value
+        if not isinstance(value, dict):
+            raise ConfigurationError(
+                f"METRIX_APPS[{app_id!r}] must be a dev-key string or an object with 'dev_key'"
+            )
+        unknown = sorted(set(value) - {"dev_key", "rate_limit"})
+        if unknown:
+            raise ConfigurationError(
+                f"METRIX_APPS[{app_id!r}] has unknown keys {unknown}; allowed: dev_key, rate_limit"
+            )
+        dev_key = value.get("dev_key")
+        if not isinstance(dev_key, str) or not dev_key.strip():
+            raise ConfigurationError(f"METRIX_APPS[{app_id!r}] has no dev-key")
+        rate_limit = value.get("rate_limit")
+        if rate_limit is not None:
+            if not isinstance(rate_limit, str):
+                raise ConfigurationError(f"METRIX_APPS[{app_id!r}].rate_limit must be a string")
+            parse_rate(rate_limit, f"METRIX_APPS[{app_id!r}].rate_limit")
+        apps[app_id] = AppConfig(app_id=app_id, dev_key=dev_key.strip(), rate_limit=rate_limit)
+    return apps
+
+
+class _EnvReader:
+    """Typed access to numeric variables, with errors that name the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name}: {raw!r} is not a whole number") from None
+        if value < minimum:
+            raise ConfigurationError(f"{name}: must be at least {minimum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float) -> float:
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name}: {raw!r} is not a number of seconds") from None
+        if not value >= 0 or value == float("inf"):
+            raise ConfigurationError(f"{name}: must be a finite number >= 0, got {raw!r}")
+        return value
+
+
+_lock = threading.Lock()
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    global _current  # noqa: PLW0603 - one cached object per process, by design
+    if _current is None:
+        with _lock:
+            if _current is None:
+                _current = Settings.from_env()
+    return _current
+
+
+def configure(settings: Settings | None) -> None:
+    """Replace the process's settings (``None``: read the environment again on next use)."""
+    global _current  # noqa: PLW0603
+    with _lock:
+        _current = settings

@@ -1,0 +1,139 @@
+"""``send_metrix_event``: validate at enqueue, deliver in the worker.
+
+Producer side, :meth:`SendEventTask.apply_async` (and so ``.delay()``) validates and normalises
+the event, stamps ``eventTime`` when it is absent, assigns the event id (also the task id) and
+publishes ``(app_id, event)``: never a dev-key. An invalid event raises
+:class:`~metrix_s2s.errors.InvalidEvent` and nothing is published; a broker that cannot take the
+message raises :class:`~metrix_s2s.errors.EnqueueError` within seconds.
+
+Worker side, the task hands the message to :class:`~metrix_s2s.delivery.Deliverer` and maps its
+decision onto Celery: a retry is a ``self.retry`` with the computed countdown; a dead letter is a
+normal return, so the message is acknowledged only once the event is safely in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kombu.exceptions
+import redis
+from celery import Task, _state, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.local import Proxy
+
+from ..backoff import compute_backoff
+from ..delivery import Action, get_deliverer
+from ..errors import EnqueueError, InvalidEvent
+from ..schema import validate_event
+
+logger = logging.getLogger("metrix_s2s.tasks")
+
+#: The task's registered name; stable across releases, since queued messages carry it.
+TASK_NAME = "metrix_s2s.send_event"
+#: The queue the task is published to and the workers consume.
+QUEUE = "metrix_s2s"
+#: Backoff while Redis (the ledger and dead-letter store) is unreachable, in seconds.
+INFRA_BACKOFF_BASE_S = 2.0
+INFRA_BACKOFF_MAX_S = 60.0
+
+_PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.ConnectionError, OSError)
+
+
+def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    params = dict(kwargs or {})
+    positional = list(args or ())
+    names = ("app_id", "event")
+    for name in names[len(positional) :]:
+        if name not in params:
+            raise TypeError(f"send_metrix_event() missing required argument: {name!r}")
+        positional.append(params.pop(name))
+    if len(positional) != 2 or params:
+        raise TypeError("send_metrix_event() takes exactly (app_id, event)")
+    return positional[0], positional[1]
+
+
+class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    """The task class: at-least-once settings, and validation before publishing."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    serializer = "json"
+    max_retries = None  # the retry budget is ours (attempts, retry window), not Celery's
+    queue = QUEUE
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        *more: Any,
+        **options: Any,
+    ) -> Any:
+        if options.get("retries"):
+            # A re-publish by self.retry(): the event was validated when first enqueued.
+            return super().apply_async(args, kwargs, task_id, *more, **options)
+        app_id, event = _unpack(args, kwargs)
+        if not isinstance(app_id, str) or not app_id.strip():
+            raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+        normalized = validate_event(event)
+        event_id = task_id or str(uuid.uuid4())
+        try:
+            return super().apply_async((app_id, normalized), None, event_id, *more, **options)
+        except _PUBLISH_ERRORS as exc:
+            raise EnqueueError(
+                f"could not enqueue event {event_id} for app {app_id!r}: the broker is "
+                f"unreachable ({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+@shared_task(bind=True, base=SendEventTask, name=TASK_NAME)
+def _send_metrix_event(self: SendEventTask, app_id: Any, event: Any) -> str:
+    event_id: str = self.request.id
+    deliverer = get_deliverer()
+    try:
+        result = deliverer.deliver(app_id, event, event_id)
+    except (redis.RedisError, SoftTimeLimitExceeded) as exc:
+        # Redis (ledger, dead letters) is unreachable or an attempt overran: nothing was decided,
+        # so try again later without touching the event's own retry budget.
+        countdown = compute_backoff(
+            self.request.retries + 1, base_s=INFRA_BACKOFF_BASE_S, max_s=INFRA_BACKOFF_MAX_S
+        )
+        logger.warning(
+            "event %s: %s; trying again in %.1fs", event_id, type(exc).__name__, countdown
+        )
+        raise self.retry(countdown=countdown) from None
+    except Exception as exc:
+        logger.exception("event %s: unexpected error while delivering", event_id)
+        deliverer.dead_letter_error(app_id, event, event_id, exc)
+        return Action.DEAD_LETTERED.value
+    if result.action in (Action.RETRY, Action.DEFER):
+        raise self.retry(countdown=result.countdown_s)
+    return result.action.value
+
+
+def _is_fallback(app: Any) -> bool:
+    """Celery's own fallback app, made up when nothing configured one."""
+    return app is _state.default_app and app.main == "default" and not app.conf.changes
+
+
+def _producer_app() -> Any:
+    """The app to publish through: the process's own configured Celery app (Django, Flask, a
+    worker) when there is one, otherwise metrix-s2s's app configured from the environment."""
+    app = _state._tls.current_app or _state.default_app
+    if app is None or _is_fallback(app):
+        from ..workers import app as own_app
+
+        return own_app
+    return app
+
+
+def _resolve() -> SendEventTask:
+    return cast(SendEventTask, _producer_app().tasks[TASK_NAME])
+
+
+#: ``send_metrix_event.delay(app_id, event)``: bound, at each call, to the producer's Celery app.
+send_metrix_event: SendEventTask = cast(SendEventTask, Proxy(_resolve))

@@ -1,0 +1,37 @@
+"""metrix-s2s's own Celery app, configured from the environment.
+
+``celery -A metrix_s2s.workers worker`` runs it with the recommended settings; a plain process (a
+script, a cron job) publishes through it when it has no Celery app of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init
+
+from ..delivery import set_pool_size
+from ..settings import Settings, get_settings
+from .config import recommended_settings
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for metrix-s2s with the recommended settings for ``settings``."""
+    s = settings or get_settings()
+    app = Celery("metrix_s2s", set_as_current=False, include=["metrix_s2s.tasks"])
+    app.conf.update(recommended_settings(s))
+    result_backend = os.environ.get("CELERY_RESULT_BACKEND")
+    if result_backend:
+        app.conf.update(result_backend=result_backend, task_ignore_result=False)
+    return app
+
+
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    # Read (and so validate) the settings before taking any message, and size the HTTP pool.
+    get_settings()
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int):
+        set_pool_size(concurrency)
