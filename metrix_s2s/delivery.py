@@ -31,7 +31,7 @@ from .settings import Settings, get_settings
 logger = logging.getLogger("metrix_s2s.delivery")
 
 #: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
-GUARD_MARGIN_S = 15.0
+GUARD_MARGIN_S = 2.0
 
 _KIND_TO_REASON = {Kind.REJECTED: Reason.REJECTED, Kind.CONFIG: Reason.CONFIG}
 

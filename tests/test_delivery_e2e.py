@@ -1,0 +1,310 @@
+"""End to end: a producer, a real Redis broker, a real Celery worker and the fake Metrix server."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from conftest import APP_ID, DEV_KEY, OTHER_APP, Worker, make_event, wait_until
+from fake_metrix import FakeMetrix
+
+from metrix_s2s import InvalidEvent
+from metrix_s2s.deadletter import DeadLetterStore, Reason
+from metrix_s2s.tasks import QUEUE, TASK_NAME
+
+pytestmark = pytest.mark.slow
+
+
+def store(client: redis.Redis) -> DeadLetterStore:
+    return DeadLetterStore(client, prefix="metrix", retention_s=3600, max_entries=1000)
+
+
+def events(n: int, **overrides: Any) -> list[dict[str, Any]]:
+    return [make_event(metrixUserId=f"user-{i}", **overrides) for i in range(n)]
+
+
+def user_ids(received: list[Any]) -> Counter[str]:
+    return Counter(r.body["metrixUserId"] for r in received)
+
+
+def test_events_arrive_with_the_exact_wire_body_and_dev_key(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given a worker and three events, one with an explicit eventTime
+    start_worker(fake_metrix.url)
+    batch = events(3)
+    batch[0]["eventTime"] = 1_700_000_000_123
+    # When they are enqueued
+    before_ms = time.time_ns() // 1_000_000
+    ids = [producer.delay(APP_ID, event).id for event in batch]
+    # Then each arrives once, its body exactly the event (eventTime stamped at enqueue when absent)
+    assert fake_metrix.wait_for(3, timeout=20)
+    received = {r.body["metrixUserId"]: r for r in fake_metrix.accepted}
+    assert sorted(received) == ["user-0", "user-1", "user-2"]
+    assert received["user-0"].body == batch[0]
+    for i in (1, 2):
+        body = dict(received[f"user-{i}"].body)
+        stamped = body.pop("eventTime")
+        assert body == batch[i]
+        assert before_ms <= stamped <= time.time_ns() // 1_000_000
+    for r in received.values():
+        assert r.headers["Authorization"] == DEV_KEY
+        assert r.headers["Content-Type"] == "application/json"
+    # And the ledger remembers them as delivered
+    assert wait_until(lambda: all(redis_client.exists(f"metrix:delivered:{i}") for i in ids))
+    assert store(redis_client).count() == 0
+
+
+def test_the_message_carries_app_event_and_id_but_never_the_dev_key(
+    producer: Any, redis_client: redis.Redis
+) -> None:
+    # Given no worker running, When an event is enqueued
+    result = producer.delay(APP_ID, make_event())
+    # Then the queued message names the task, uses the event id as task id, and has no dev-key
+    raw = redis_client.lindex(QUEUE, 0)
+    assert raw is not None
+    message = json.loads(raw)
+    assert message["headers"]["task"] == TASK_NAME
+    assert message["headers"]["id"] == result.id
+    assert message["content-type"] == "application/json"
+    assert DEV_KEY not in raw.decode()
+    uuid.UUID(result.id)
+
+
+def test_an_invalid_event_is_refused_at_delay_and_nothing_is_published(
+    producer: Any, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        producer.delay(APP_ID, make_event(advertisingId=None, eventslug="typo"))
+    assert caught.value.messages["eventslug"] == ["Unknown field."]
+    assert "advertisingId" in caught.value.messages
+    with pytest.raises(InvalidEvent):
+        producer.apply_async((APP_ID, make_event(eventTime=1570274953)))
+    with pytest.raises(InvalidEvent):
+        producer.delay("", make_event())
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_an_outage_of_503s_then_recovery_delivers_everything_once(
+    producer: Any, fake_metrix: FakeMetrix, start_worker: Callable[..., Worker]
+) -> None:
+    # Given Metrix answers 503 to the next 25 requests
+    fake_metrix.inject(503, count=25)
+    start_worker(fake_metrix.url, METRIX_MAX_ATTEMPTS="30")
+    # When ten events are enqueued
+    for event in events(10):
+        producer.delay(APP_ID, event)
+    # Then every event is delivered exactly once after the outage
+    assert fake_metrix.wait_for(10, timeout=40)
+    time.sleep(0.5)
+    assert user_ids(fake_metrix.accepted) == {f"user-{i}": 1 for i in range(10)}
+    assert sum(1 for r in fake_metrix.requests if r.status == 503) == 25
+
+
+def test_retry_after_on_429_is_respected(
+    producer: Any, fake_metrix: FakeMetrix, start_worker: Callable[..., Worker]
+) -> None:
+    # Given Metrix answers one 429 with Retry-After: 2, and our own backoff is tiny
+    fake_metrix.inject(429, count=1, retry_after="2")
+    start_worker(fake_metrix.url, METRIX_RETRY_AFTER_MAX="10")
+    # When one event is enqueued
+    producer.delay(APP_ID, make_event())
+    # Then it is delivered, and not before two seconds after the 429
+    assert fake_metrix.wait_for(1, timeout=20)
+    first, second = fake_metrix.requests[:2]
+    assert (first.status, second.status) == (429, 200)
+    assert second.at - first.at >= 1.9
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "hint"),
+    [(400, Reason.REJECTED, "rejected the event (400)"), (422, Reason.REJECTED, "(422)")],
+)
+def test_a_4xx_goes_straight_to_the_dead_letter_store(
+    status: int,
+    reason: Reason,
+    hint: str,
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    fake_metrix.inject(status, count=1, body='{"error": "bad event"}')
+    start_worker(fake_metrix.url)
+    event_id = producer.delay(APP_ID, make_event()).id
+    dlq = store(redis_client)
+    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
+    letter = dlq.get(event_id)
+    assert letter is not None
+    assert (letter.reason, letter.status, letter.app_id) == (reason, status, APP_ID)
+    assert hint in letter.detail
+    assert "bad event" in letter.excerpt
+    time.sleep(1)
+    assert len(fake_metrix.requests) == 1, "a permanent failure must never be retried"
+
+
+def test_a_wrong_dev_key_dead_letters_as_config_and_is_never_retried(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given the worker holds a wrong dev-key for one app
+    apps = json.dumps({APP_ID: DEV_KEY, OTHER_APP: "not-the-right-key"})
+    start_worker(fake_metrix.url, METRIX_APPS=apps)
+    good = producer.delay(APP_ID, make_event(metrixUserId="good")).id
+    bad = producer.delay(OTHER_APP, make_event(metrixUserId="bad")).id
+    dlq = store(redis_client)
+    assert wait_until(lambda: dlq.get(bad) is not None, timeout=20)
+    letter = dlq.get(bad)
+    assert letter is not None
+    assert (letter.reason, letter.status) == (Reason.CONFIG, 401)
+    assert "dev-key" in letter.detail
+    assert letter.key_fingerprint
+    assert "not-the-right-key" not in json.dumps(letter.to_dict())
+    assert fake_metrix.wait_for(1, timeout=10)
+    assert redis_client.exists(f"metrix:delivered:{good}")
+    time.sleep(1)
+    assert len([r for r in fake_metrix.requests if r.app_id == OTHER_APP]) == 1
+
+
+def test_an_unknown_app_dead_letters_without_a_request(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    start_worker(fake_metrix.url)
+    event_id = producer.delay("no-such-app", make_event()).id
+    dlq = store(redis_client)
+    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
+    letter = dlq.get(event_id)
+    assert letter is not None
+    assert letter.reason is Reason.CONFIG
+    assert "not configured in METRIX_APPS" in letter.detail
+    assert fake_metrix.requests == []
+
+
+def test_an_invalid_message_from_elsewhere_is_dead_lettered_not_sent(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given a message published without going through validation (another producer, by hand)
+    start_worker(fake_metrix.url)
+    app = producer.app
+    bad = make_event(idfa="38400000-8cf0-11bd-b23e-10b96e40000e")  # both device ids
+    event_id = app.send_task(TASK_NAME, args=(APP_ID, bad), queue=QUEUE).id
+    dlq = store(redis_client)
+    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
+    letter = dlq.get(event_id)
+    assert letter is not None
+    assert letter.reason is Reason.INVALID
+    assert "not both" in letter.detail
+    assert letter.event == bad
+    assert fake_metrix.requests == []
+
+
+def test_retries_exhausted_dead_letters_with_the_last_answer(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    fake_metrix.inject(503, count=None, body="maintenance")
+    start_worker(fake_metrix.url, METRIX_MAX_ATTEMPTS="3")
+    event_id = producer.delay(APP_ID, make_event()).id
+    dlq = store(redis_client)
+    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
+    letter = dlq.get(event_id)
+    assert letter is not None
+    assert (letter.reason, letter.status, letter.attempts) == (Reason.EXHAUSTED, 503, 3)
+    assert "maintenance" in letter.excerpt
+    assert letter.first_failed_ms <= letter.last_failed_ms
+    time.sleep(1)
+    assert len(fake_metrix.requests) == 3
+    # and its attempt budget is reset, so a re-drive starts afresh
+    assert not redis_client.exists(f"metrix:attempts:{event_id}")
+
+
+def test_a_redelivered_message_is_not_sent_twice(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given an event that was delivered
+    start_worker(fake_metrix.url)
+    event = make_event()
+    event_id = producer.delay(APP_ID, event).id
+    assert fake_metrix.wait_for(1, timeout=20)
+    assert wait_until(lambda: bool(redis_client.exists(f"metrix:delivered:{event_id}")))
+    # When the broker hands the same message out again (same task id, as after a crash)
+    producer.app.send_task(TASK_NAME, args=(APP_ID, event), task_id=event_id, queue=QUEUE)
+    time.sleep(1.5)
+    # Then Metrix sees it once
+    assert len(fake_metrix.requests) == 1
+
+
+def test_a_message_that_keeps_crashing_workers_ends_as_poison(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given an event already claimed max_attempts + max_redeliveries times by workers that died
+    # before reaching a verdict (the state our attempt counter would hold)
+    event_id = str(uuid.uuid4())
+    redis_client.hset(f"metrix:attempts:{event_id}", mapping={"n": 8 + 5, "first": 1})
+    start_worker(fake_metrix.url)
+    # When the broker hands it out once more
+    producer.app.send_task(TASK_NAME, args=(APP_ID, make_event()), task_id=event_id, queue=QUEUE)
+    # Then it is dead-lettered as poison instead of being sent again
+    dlq = store(redis_client)
+    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
+    letter = dlq.get(event_id)
+    assert letter is not None
+    assert letter.reason is Reason.POISON
+    assert "claimed 13 times" in letter.detail
+    assert fake_metrix.requests == []
+
+
+def test_no_dev_key_anywhere_in_redis_after_a_run(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    fake_metrix.inject(503, count=2)
+    start_worker(fake_metrix.url)
+    for event in events(4):
+        producer.delay(APP_ID, event)
+    producer.delay("no-such-app", make_event())
+    assert fake_metrix.wait_for(4, timeout=20)
+    assert wait_until(lambda: store(redis_client).count() == 1)
+    dump = b""
+    for key in redis_client.scan_iter(count=1000):
+        kind = redis_client.type(key)
+        if kind == b"string":
+            dump += redis_client.get(key) or b""
+        elif kind == b"hash":
+            dump += b"".join(k + v for k, v in redis_client.hgetall(key).items())
+        elif kind == b"list":
+            dump += b"".join(redis_client.lrange(key, 0, -1))
+        elif kind == b"zset":
+            dump += b"".join(redis_client.zrange(key, 0, -1))
+        elif kind == b"set":
+            dump += b"".join(redis_client.smembers(key))
+        dump += key
+    assert dump, "expected some state in Redis"
+    assert DEV_KEY.encode() not in dump
