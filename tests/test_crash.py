@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 EVENTS = 60
 CONCURRENCY = 4
 # Short timeouts so that the broker hands a dead worker's messages to another within seconds:
-# hard time limit 0.5 + 1 + 5 + 5 = 11.5 s, longest wait 0.3 s, so 12 s is a safe visibility timeout.
+# hard time limit 0.5 + 1 + 5 + 5 = 11.5 s and longest wait 0.3 s, so 12 s is a safe visibility
+# timeout.
 CRASH_ENV = {
     "METRIX_CONNECT_TIMEOUT": "0.5",
     "METRIX_READ_TIMEOUT": "1",
