@@ -116,8 +116,14 @@ def _send_metrix_event(self: SendEventTask, app_id: Any, event: Any) -> str:
 
 
 def _is_fallback(app: Any) -> bool:
-    """Celery's own fallback app, made up when nothing configured one."""
-    return app is _state.default_app and app.main == "default" and not app.conf.changes
+    """Celery's own fallback app, made up when nothing created one, and given no broker (by a
+    ``celeryconfig`` module, which its default loader reads)."""
+    return (
+        app is _state.default_app
+        and app.main == "default"
+        and type(app.loader).__module__ == "celery.loaders.default"
+        and not app.conf.broker_url
+    )
 
 
 def _producer_app() -> Any:

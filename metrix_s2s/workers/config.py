@@ -1,7 +1,8 @@
-"""The recommended Celery settings for running metrix-s2s: queues, routes, reliability, events.
+"""The recommended Celery settings for running metrix-s2s: reliability, queues, routes, events.
 
-:func:`recommended_settings` is what ``metrix_s2s.workers.app`` uses, and what a Django or Flask
-project with its own Celery app passes to ``app.conf.update()``.
+:func:`recommended_settings` holds what any Celery app that runs metrix-s2s's tasks needs (a Django
+or Flask project passes it to ``app.conf.update()``); :func:`own_app_settings` adds what only
+metrix-s2s's own app sets for itself: the broker, JSON only, and its queue as the default.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ BROKER_CONNECT_TIMEOUT_S = 3.0
 
 
 def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
-    """Celery settings for at-least-once delivery of metrix-s2s's tasks.
+    """Celery settings for at-least-once delivery of metrix-s2s's tasks, safe to merge into an
+    existing app (they name no broker, queues or serializers of its own tasks).
 
-    - acks late, reject on worker loss, prefetch 1: a message is acknowledged only after its event
-      is delivered or safely dead-lettered, and a worker never hoards messages;
+    - prefetch 1: a worker never hoards messages that another could deliver;
     - a Redis visibility timeout above the longest retry countdown plus the hard time limit (see
-      :attr:`Settings.visibility_timeout_s`);
-    - JSON only, no results stored (set ``CELERY_RESULT_BACKEND`` to keep them);
+      :attr:`Settings.visibility_timeout_s`), and a sweep that restores a dead worker's messages
+      soon after it;
+    - time limits for the send task above the HTTP timeouts;
     - task events and sent events on, for Flower;
     - a producer that fails within seconds when the broker is down, instead of hanging.
+
+    The task itself carries acks-late, reject-on-worker-lost, JSON and its queue.
     """
     s = settings or get_settings()
     transport: dict[str, Any] = {
@@ -46,7 +50,6 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
             "unacked_restore_throttle": 2,
         }
     return {
-        "broker_url": s.broker_url,
         "broker_transport_options": transport,
         "broker_connection_timeout": BROKER_CONNECT_TIMEOUT_S,
         "broker_connection_retry_on_startup": True,
@@ -56,18 +59,10 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
             "interval_step": 0.5,
             "interval_max": 1,
         },
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "task_ignore_result": True,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_queues": (Queue(QUEUE, routing_key=QUEUE),),
-        "task_default_queue": QUEUE,
         "task_routes": {TASK_NAME: {"queue": QUEUE}},
         "task_annotations": {
             TASK_NAME: {
@@ -75,4 +70,21 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
                 "time_limit": s.time_limit_s,
             }
         },
+    }
+
+
+def own_app_settings(settings: Settings | None = None) -> dict[str, Any]:
+    """Everything metrix-s2s's own app uses: the recommended settings plus its broker, JSON only,
+    no results, and the ``metrix_s2s`` queue as the one it consumes."""
+    s = settings or get_settings()
+    return recommended_settings(s) | {
+        "broker_url": s.broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_queues": (Queue(QUEUE, routing_key=QUEUE),),
+        "task_default_queue": QUEUE,
     }

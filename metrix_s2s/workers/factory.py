@@ -14,14 +14,14 @@ from celery.signals import worker_init
 
 from ..delivery import set_pool_size
 from ..settings import Settings, get_settings
-from .config import recommended_settings
+from .config import own_app_settings
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for metrix-s2s with the recommended settings for ``settings``."""
     s = settings or get_settings()
     app = Celery("metrix_s2s", set_as_current=False, include=["metrix_s2s.tasks"])
-    app.conf.update(recommended_settings(s))
+    app.conf.update(own_app_settings(s))
     result_backend = os.environ.get("CELERY_RESULT_BACKEND")
     if result_backend:
         app.conf.update(result_backend=result_backend, task_ignore_result=False)

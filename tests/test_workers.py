@@ -1,0 +1,90 @@
+"""The worker app's settings, and which Celery app the producer publishes through."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery, _state
+
+from metrix_s2s import send_metrix_event
+from metrix_s2s.settings import RetryPolicy, Settings
+from metrix_s2s.tasks import QUEUE, TASK_NAME
+from metrix_s2s.workers import create_app, recommended_settings
+
+SETTINGS = Settings(broker_url="redis://127.0.0.1:1/0", redis_url="redis://127.0.0.1:1/0")
+
+
+@pytest.fixture
+def restore_celery_state() -> Iterator[None]:
+    current, default = _state._tls.current_app, _state.default_app
+    yield
+    _state._tls.current_app, _state.default_app = current, default
+
+
+def test_the_own_app_has_the_reliability_settings() -> None:
+    conf = create_app(SETTINGS).conf
+    assert conf.broker_url == SETTINGS.broker_url
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.accept_content == ["json"]
+    assert conf.task_ignore_result is True
+    assert conf.worker_send_task_events is True
+    assert conf.task_send_sent_event is True
+    assert [q.name for q in conf.task_queues] == [QUEUE]
+    visibility = conf.broker_transport_options["visibility_timeout"]
+    assert visibility == SETTINGS.visibility_timeout_s
+    assert visibility > SETTINGS.retry.longest_wait_s + SETTINGS.time_limit_s
+    assert conf.broker_transport_options["max_connections"] >= 100
+
+
+def test_the_visibility_timeout_follows_the_longest_wait() -> None:
+    longer = Settings(retry=RetryPolicy(backoff_max_s=600, retry_after_max_s=60))
+    options = create_app(longer).conf.broker_transport_options
+    assert options["visibility_timeout"] > 600 + longer.time_limit_s
+
+
+def test_the_task_carries_its_own_delivery_guarantees() -> None:
+    task = create_app(SETTINGS).tasks[TASK_NAME]
+    assert task.acks_late is True
+    assert task.reject_on_worker_lost is True
+    assert task.serializer == "json"
+    assert task.max_retries is None
+    assert task.soft_time_limit == SETTINGS.soft_time_limit_s
+    assert task.time_limit == SETTINGS.time_limit_s
+    assert task.soft_time_limit > SETTINGS.connect_timeout_s + SETTINGS.read_timeout_s
+    assert task.time_limit > task.soft_time_limit
+
+
+def test_recommended_settings_leave_a_projects_own_choices_alone() -> None:
+    app = Celery("proj", broker="redis://127.0.0.1:2/0", include=["metrix_s2s.tasks"])
+    app.conf.update(task_serializer="pickle", accept_content=["json", "pickle"])
+    app.conf.update(recommended_settings(SETTINGS))
+    assert app.conf.broker_url == "redis://127.0.0.1:2/0"
+    assert app.conf.task_default_queue == "celery"
+    assert app.conf.accept_content == ["json", "pickle"]
+    route = app.amqp.router.route({}, TASK_NAME)
+    assert route["queue"].name == QUEUE
+    assert app.tasks[TASK_NAME].acks_late is True
+
+
+def test_the_producer_uses_the_processes_own_app_when_it_has_one(
+    restore_celery_state: None,
+) -> None:
+    project = Celery("proj", broker="memory://")
+    project.set_current()
+    project.set_default()
+    assert send_metrix_event.app is project
+    assert send_metrix_event.name == TASK_NAME
+
+
+def test_the_producer_falls_back_to_metrix_s2s_own_app(restore_celery_state: None) -> None:
+    import metrix_s2s.workers
+
+    _state._tls.current_app = None
+    _state.default_app = None
+    assert send_metrix_event.app is metrix_s2s.workers.app
+    # Celery's own made-up fallback app does not count as the process's app either
+    _state.get_current_app()
+    assert send_metrix_event.app is metrix_s2s.workers.app
