@@ -38,6 +38,13 @@ _CONFIG_HINTS = {
 }
 
 
+_TRANSIENT_ERRORS = (
+    requests.Timeout,
+    requests.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+
 class Kind(enum.StrEnum):
     DELIVERED = "delivered"
     RETRYABLE = "retryable"
@@ -125,10 +132,11 @@ def classify_response(
 def classify_exception(exc: BaseException) -> Outcome:
     """Classify a transport error raised by ``requests``.
 
-    Timeouts and connection failures are retryable; anything else ``requests`` raises (an invalid
-    URL, too many redirects) will not get better by itself and is a configuration problem.
+    Timeouts and connection failures, including a connection that breaks while the answer is read,
+    are retryable; anything else ``requests`` raises (an invalid URL, too many redirects) will not
+    get better by itself and is a configuration problem.
     """
     name = type(exc).__name__
-    if isinstance(exc, requests.Timeout | requests.ConnectionError):
+    if isinstance(exc, _TRANSIENT_ERRORS):
         return Outcome(Kind.RETRYABLE, detail=f"{name}: {excerpt(str(exc), 200)}")
     return Outcome(Kind.CONFIG, detail=f"{name}: {excerpt(str(exc), 200)}")

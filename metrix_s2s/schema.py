@@ -16,6 +16,7 @@ import ipaddress
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -42,7 +43,9 @@ MAX_FUTURE_SKEW_MS = 24 * 60 * 60 * 1000
 #: Earliest plausible ``eventTime``: 2000-01-01T00:00:00Z, in milliseconds.
 MIN_EVENT_TIME_MS = 946_684_800_000
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+#: Largest magnitude of an int metric: Metrix reads metrics as doubles.
+MAX_METRIC_INT = int(sys.float_info.max)
 _DEVICE_IDS = ("idfa", "advertisingId")
 
 
@@ -57,7 +60,7 @@ def _not_blank(value: str) -> None:
 
 
 def _uuid(value: str) -> None:
-    if not _UUID_RE.match(value):
+    if not _UUID_RE.fullmatch(value):
         raise ValidationError("Must be a UUID like 38400000-8cf0-11bd-b23e-10b96e40000d.")
 
 
@@ -96,6 +99,8 @@ class _EventTime(fields.Field[int]):
             ) from None
 
     def _check_range(self, value: int) -> int:
+        if abs(value) >= 10**21:  # also keeps a 5000-digit int out of the messages below
+            raise ValidationError("Far too large for milliseconds since the epoch.")
         if 10**9 <= value < 10**10:
             raise ValidationError(
                 f"{value} looks like seconds since the epoch; Metrix expects milliseconds "
@@ -120,6 +125,8 @@ class _FiniteNumber(fields.Field[int | float]):
             raise ValidationError("Must be a number (int or float).")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValidationError("Must be a finite number, not NaN or infinity.")
+        if isinstance(value, int) and abs(value) > MAX_METRIC_INT:
+            raise ValidationError("Too large for a double.")
         return value
 
 

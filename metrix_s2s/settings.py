@@ -126,6 +126,17 @@ class Settings:
     key_prefix: str = "metrix"
     visibility_timeout_override_s: int | None = None
 
+    def __repr__(self) -> str:
+        shown = {
+            "broker_url": redact_url(self.broker_url),
+            "redis_url": redact_url(self.redis_url),
+            "base_url": self.base_url,
+            "apps": sorted(self.apps),
+            "rate_limit": self.rate_limit,
+            "retry": self.retry,
+        }
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ", ...)"
+
     @property
     def broker_is_redis(self) -> bool:
         return urlsplit(self.broker_url).scheme in _REDIS_SCHEMES
@@ -196,8 +207,10 @@ class Settings:
             apps=MappingProxyType(parse_apps(env.get("METRIX_APPS") or "{}")),
             rate_limit=rate_limit,
             retry=retry,
-            connect_timeout_s=reader.float("METRIX_CONNECT_TIMEOUT", cls.connect_timeout_s),
-            read_timeout_s=reader.float("METRIX_READ_TIMEOUT", cls.read_timeout_s),
+            connect_timeout_s=reader.float(
+                "METRIX_CONNECT_TIMEOUT", cls.connect_timeout_s, positive=True
+            ),
+            read_timeout_s=reader.float("METRIX_READ_TIMEOUT", cls.read_timeout_s, positive=True),
             ledger_ttl_s=reader.int("METRIX_LEDGER_TTL", cls.ledger_ttl_s, minimum=60),
             max_redeliveries=reader.int("METRIX_MAX_REDELIVERIES", cls.max_redeliveries),
             dlq_retention_s=reader.int("METRIX_DLQ_RETENTION", cls.dlq_retention_s, minimum=60),
@@ -214,6 +227,17 @@ class Settings:
                 )
             settings = replace(settings, visibility_timeout_override_s=visibility)
         return settings
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
 def parse_apps(raw: str) -> dict[str, AppConfig]:
@@ -271,7 +295,7 @@ class _EnvReader:
             raise ConfigurationError(f"{name}: must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: str, default: float, *, positive: bool = False) -> float:
         raw = self._env.get(name)
         if raw is None or raw == "":
             return default
@@ -281,6 +305,8 @@ class _EnvReader:
             raise ConfigurationError(f"{name}: {raw!r} is not a number of seconds") from None
         if not value >= 0 or value == float("inf"):
             raise ConfigurationError(f"{name}: must be a finite number >= 0, got {raw!r}")
+        if positive and value == 0:
+            raise ConfigurationError(f"{name}: must be above 0 seconds")
         return value
 
 
