@@ -1,0 +1,69 @@
+"""The names users import stay importable, and importing them reads no configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import metrix_s2s
+
+
+def test_the_public_names_import() -> None:
+    from metrix_s2s import (  # noqa: F401
+        ConfigurationError,
+        EnqueueError,
+        InvalidEvent,
+        MetrixS2SError,
+        Settings,
+        get_settings,
+        send_metrix_event,
+        validate_event,
+    )
+
+    assert sorted(metrix_s2s.__all__) == sorted(
+        [
+            "ConfigurationError",
+            "EnqueueError",
+            "InvalidEvent",
+            "MetrixS2SError",
+            "Settings",
+            "get_settings",
+            "send_metrix_event",
+            "validate_event",
+        ]
+    )
+    for name in ("InvalidEvent", "EnqueueError", "ConfigurationError"):
+        assert issubclass(getattr(metrix_s2s, name), metrix_s2s.MetrixS2SError)
+    assert issubclass(metrix_s2s.InvalidEvent, ValueError)
+
+
+def test_importing_the_package_and_its_workers_reads_no_configuration() -> None:
+    # A broken METRIX_APPS must not break `import metrix_s2s` in a web process, nor the import of
+    # the workers package (only building the app, or a worker starting, reads it).
+    code = "import metrix_s2s, metrix_s2s.tasks, metrix_s2s.workers; print('ok')"
+    env = {"METRIX_APPS": "{not json", "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_a_worker_refuses_to_start_with_a_configuration_error_naming_the_variable() -> None:
+    code = "import metrix_s2s.workers as w; w.app"
+    env = {"METRIX_APPS": '{"A": 5}', "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "ConfigurationError: METRIX_APPS['A'] must be a dev-key string" in done.stderr
