@@ -238,12 +238,13 @@ def producer_env(redis_url: str) -> Iterator[None]:
     import metrix_s2s.workers
     from metrix_s2s import settings as settings_module
 
-    if metrix_s2s.workers._app is not None:
-        pytest.fail("metrix_s2s.workers.app was built before the test environment was set")
     saved = {k: os.environ.get(k) for k in ("CELERY_BROKER_URL", "METRIX_REDIS_URL")}
     os.environ["CELERY_BROKER_URL"] = redis_url
     os.environ.pop("METRIX_REDIS_URL", None)
     settings_module.configure(None)
+    # Forget an app built from the environment before this point (collecting a test module that
+    # imports send_metrix_event resolves it), so the next use builds it for the test Redis.
+    metrix_s2s.workers._app = None
     try:
         yield
     finally:
@@ -253,6 +254,7 @@ def producer_env(redis_url: str) -> Iterator[None]:
             else:
                 os.environ[key] = value
         settings_module.configure(None)
+        metrix_s2s.workers._app = None
 
 
 @pytest.fixture
