@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery, _state
 
-from metrix_s2s import send_metrix_event
 from metrix_s2s.settings import RetryPolicy, Settings
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 from metrix_s2s.workers import create_app, recommended_settings
@@ -15,11 +14,21 @@ from metrix_s2s.workers import create_app, recommended_settings
 SETTINGS = Settings(broker_url="redis://127.0.0.1:1/0", redis_url="redis://127.0.0.1:1/0")
 
 
+@pytest.fixture(autouse=True)
+def no_broker_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Celery prefers CELERY_BROKER_URL to the broker an app is given (other tests set it)
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+
+
 @pytest.fixture
 def restore_celery_state() -> Iterator[None]:
-    current, default = _state._tls.current_app, _state.default_app
+    import metrix_s2s.workers
+
+    current, default, own = _state._tls.current_app, _state.default_app, metrix_s2s.workers._app
+    metrix_s2s.workers._app = None
     yield
     _state._tls.current_app, _state.default_app = current, default
+    metrix_s2s.workers._app = own
 
 
 def test_the_own_app_has_the_reliability_settings() -> None:
@@ -75,12 +84,20 @@ def test_the_producer_uses_the_processes_own_app_when_it_has_one(
     project = Celery("proj", broker="memory://")
     project.set_current()
     project.set_default()
+    from metrix_s2s import send_metrix_event
+
     assert send_metrix_event.app is project
     assert send_metrix_event.name == TASK_NAME
 
 
-def test_the_producer_falls_back_to_metrix_s2s_own_app(restore_celery_state: None) -> None:
+def test_the_producer_falls_back_to_metrix_s2s_own_app(
+    restore_celery_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import metrix_s2s.workers
+
+    # With CELERY_BROKER_URL set, as in production, Celery's made-up app would see a broker too
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:3/0")
+    from metrix_s2s import send_metrix_event
 
     _state._tls.current_app = None
     _state.default_app = None

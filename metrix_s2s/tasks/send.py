@@ -116,14 +116,14 @@ def _send_metrix_event(self: SendEventTask, app_id: Any, event: Any) -> str:
 
 
 def _is_fallback(app: Any) -> bool:
-    """Celery's own fallback app, made up when nothing created one, and given no broker (by a
-    ``celeryconfig`` module, which its default loader reads)."""
-    return (
-        app is _state.default_app
-        and app.main == "default"
-        and type(app.loader).__module__ == "celery.loaders.default"
-        and not app.conf.broker_url
-    )
+    """Celery's own fallback app, made up when nothing created one, and not configured by a
+    ``celeryconfig`` module (which its default loader reads)."""
+    if app is not _state.default_app or app.main != "default":
+        return False
+    if type(app.loader).__module__ != "celery.loaders.default":
+        return False
+    app.conf.changes  # noqa: B018 - loads the configuration, so that `configured` is known
+    return not app.loader.configured
 
 
 def _producer_app() -> Any:
