@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import metrix_s2s
+from metrix_s2s.embedded import free_port
 
 
 def test_the_public_names_import() -> None:
@@ -62,3 +63,25 @@ def test_a_worker_refuses_to_start_with_a_configuration_error_naming_the_variabl
     done = run_python("import metrix_s2s.workers as w; w.app", METRIX_APPS='{"A": 5}')
     assert done.returncode != 0
     assert "ConfigurationError: METRIX_APPS['A'] must be a dev-key string" in done.stderr
+
+
+def test_a_broker_that_is_down_fails_delay_quickly_with_enqueue_error() -> None:
+    # Given a producer whose broker port is closed
+    port = free_port()
+    code = """
+import time
+from metrix_s2s import EnqueueError, send_metrix_event
+event = {"metrixUserId": "u", "metrixSessionId": "s", "eventSlug": "x",
+         "advertisingId": "38400000-8cf0-11bd-b23e-10b96e40000d"}
+started = time.monotonic()
+try:
+    send_metrix_event.delay("A", event)
+except EnqueueError as exc:
+    print(f"{time.monotonic() - started:.2f}", exc)
+"""
+    # When it enqueues, Then .delay() raises EnqueueError, in seconds rather than hanging
+    done = run_python(code, CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+    assert done.returncode == 0, done.stderr
+    elapsed, message = done.stdout.split(" ", 1)
+    assert "the broker is unreachable" in message
+    assert float(elapsed) < 10
