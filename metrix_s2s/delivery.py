@@ -22,11 +22,12 @@ from .backoff import retry_delay
 from .client import DEFAULT_POOL_SIZE, MetrixClient
 from .deadletter import DeadLetterStore, Reason
 from .errors import InvalidEvent, format_messages
-from .ledger import ClaimState, Ledger
+from .ledger import Claim, ClaimState, Ledger, Limits
 from .outcome import Kind, Outcome
+from .ratelimit import RateLimit
 from .redis_client import get_redis
 from .schema import now_ms, validate_event
-from .settings import Settings, get_settings
+from .settings import AppConfig, Settings, get_settings
 
 logger = logging.getLogger("metrix_s2s.delivery")
 
@@ -86,6 +87,10 @@ class Deliverer:
             pool_size=pool_size,
         )
         self._rand = rand
+        self._limits: dict[str, Limits] = {}
+        self._max_wait_ms = int(settings.rate_max_wait_s * 1000)
+        # A deferral's countdown stays within what the visibility timeout was sized for.
+        self._max_defer_s = settings.retry.longest_wait_s
 
     def deliver(self, app_id: Any, event: Any, event_id: str) -> Result:
         """Make one attempt at delivering ``event`` for ``app_id``; never raises for a bad event
@@ -103,13 +108,19 @@ class Deliverer:
             return self._dead(app_id, normalized, event_id, Reason.CONFIG, detail=detail)
 
         token = uuid.uuid4().hex
-        claim = self.ledger.claim(event_id, token)
+        claim = self._claim(event_id, token, app)
         if claim.state is ClaimState.DELIVERED:
             self._log(logging.INFO, "duplicate", app_id, event_id, 0, None, 0.0)
             return Result(Action.DUPLICATE)
-        if claim.state is ClaimState.BUSY:
-            countdown = claim.busy_for_ms / 1000 + self._rand()
+        if claim.state is not ClaimState.OK:
+            # Busy elsewhere, paused by a 429, or no rate-limit slot soon: come back later, with
+            # jitter so that deferred events do not wake together, without spending an attempt.
+            wait_s = claim.wait_ms / 1000
+            countdown = min(wait_s + self._rand() * min(1.0, wait_s / 5 + 0.1), self._max_defer_s)
+            self._log(logging.INFO, f"defer:{claim.state}", app_id, event_id, 0, None, 0.0)
             return Result(Action.DEFER, countdown_s=countdown)
+        if claim.wait_ms:
+            time.sleep(claim.wait_ms / 1000)  # our reserved rate-limit slot
 
         policy = self.settings.retry
         attempt = claim.attempt
@@ -134,7 +145,7 @@ class Deliverer:
         latency_ms = (time.perf_counter() - started) * 1000
 
         if outcome.delivered:
-            self.ledger.delivered(event_id, token, outcome.status, now_ms())
+            self.ledger.delivered(event_id, token, app_id, outcome.status, now_ms())
             self._log(logging.INFO, "delivered", app_id, event_id, attempt, outcome, latency_ms)
             return Result(Action.DELIVERED, attempt=attempt, outcome=outcome)
 
@@ -149,7 +160,7 @@ class Deliverer:
             )
             out_of_time = claim.elapsed_s + delay > policy.retry_window_s
             if attempt < policy.max_attempts and not out_of_time:
-                self.ledger.release(event_id, token)
+                self.ledger.release(event_id, token, app_id, pause_ms=self._pause_ms(outcome))
                 self._log(logging.WARNING, "retry", app_id, event_id, attempt, outcome, latency_ms)
                 return Result(Action.RETRY, attempt=attempt, countdown_s=delay, outcome=outcome)
             why = "attempts" if attempt >= policy.max_attempts else "retry window"
@@ -179,6 +190,41 @@ class Deliverer:
             fingerprint=app.key_fingerprint,
             latency_ms=latency_ms,
         )
+
+    def _claim(self, event_id: str, token: str, app: AppConfig) -> Claim:
+        """Claim the event; a short 429 pause is waited out here rather than re-scheduled."""
+        for _ in range(3):
+            claim = self.ledger.claim(event_id, token, app.app_id, self._limits_for(app))
+            if claim.state is not ClaimState.PAUSED or claim.wait_ms > self._max_wait_ms:
+                return claim
+            time.sleep(claim.wait_ms / 1000)
+        return claim
+
+    def _limits_for(self, app: AppConfig) -> Limits:
+        limits = self._limits.get(app.app_id)
+        if limits is None:
+            s = self.settings
+            name = (
+                f"METRIX_APPS[{app.app_id!r}].rate_limit" if app.rate_limit else "METRIX_RATE_LIMIT"
+            )
+            own = RateLimit.parse(app.rate_limit or s.rate_limit, name, app.burst or s.rate_burst)
+            overall = (
+                RateLimit.parse(s.global_rate_limit, "METRIX_GLOBAL_RATE_LIMIT", s.rate_burst)
+                if s.global_rate_limit
+                else None
+            )
+            limits = self._limits[app.app_id] = Limits(own, overall, s.rate_max_wait_s)
+        return limits
+
+    def _pause_ms(self, outcome: Outcome | None) -> int:
+        """How long a 429 pauses its app for the whole pool: its Retry-After, or the default."""
+        if outcome is None or outcome.status != 429:
+            return 0
+        policy = self.settings.retry
+        wanted = outcome.retry_after_s
+        if wanted is None:
+            wanted = self.settings.pause_default_s
+        return int(min(wanted, policy.retry_after_max_s) * 1000)
 
     def dead_letter_error(
         self, app_id: Any, event: Any, event_id: str, exc: BaseException
@@ -213,7 +259,9 @@ class Deliverer:
             attempts=attempts,
             key_fingerprint=fingerprint,
         )
-        self.ledger.release(event_id, token, final=True)
+        self.ledger.release(
+            event_id, token, str(app_id), final=True, pause_ms=self._pause_ms(outcome)
+        )
         self._log(
             logging.ERROR,
             f"dead_lettered:{reason}",

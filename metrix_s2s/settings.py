@@ -12,8 +12,13 @@ Variables (defaults in parentheses):
                              Redis; required otherwise)
 ``METRIX_BASE_URL``          Metrix's base URL (``https://analytics.metrix.ir``)
 ``METRIX_APPS``              JSON object, app id to dev-key, or to ``{"dev_key": ..., "rate_limit":
-                             "10/s"}``
+                             "10/s", "burst": 2}``
 ``METRIX_RATE_LIMIT``        default per-app delivery rate shared by the pool (``100/s``)
+``METRIX_RATE_BURST``        events an app may send back to back (a tenth of a second's worth)
+``METRIX_GLOBAL_RATE_LIMIT`` optional overall rate across all apps (none)
+``METRIX_RATE_MAX_WAIT``     longest wait for a rate-limit slot spent in the worker, in seconds;
+                             a longer one re-schedules the task (2)
+``METRIX_PAUSE_DEFAULT``     how long a 429 without ``Retry-After`` pauses the app, in seconds (5)
 ``METRIX_MAX_ATTEMPTS``      delivery attempts before an event is dead-lettered as exhausted (8)
 ``METRIX_BACKOFF_BASE``      first backoff ceiling in seconds; doubles per attempt (2)
 ``METRIX_BACKOFF_MAX``       longest single wait between attempts, in seconds (120)
@@ -26,6 +31,13 @@ Variables (defaults in parentheses):
                              dead-lettered as poison (5)
 ``METRIX_DLQ_RETENTION``     how long a dead letter is kept, in seconds (30 days)
 ``METRIX_DLQ_MAX_ENTRIES``   most dead letters kept; the oldest go first (100000)
+``METRIX_REDRIVE_INTERVAL``  seconds between periodic re-drives (60; 0 turns them off)
+``METRIX_REDRIVE_COOLDOWN``  seconds a dead letter rests before the periodic re-drive takes it (600)
+``METRIX_REDRIVE_BATCH``     most dead letters one periodic re-drive takes (500)
+``METRIX_MAX_REDRIVES``      re-drives of one event before it stays dead as ``redrive_limit`` (5)
+``METRIX_RECONCILE_INTERVAL`` seconds between reconciler runs (300; 0 turns it off)
+``METRIX_PENDING_MAX_AGE``   seconds an event may go unseen before the reconciler checks whether
+                             the broker lost it (900)
 ``METRIX_VISIBILITY_TIMEOUT`` Redis broker: seconds before an unacknowledged message is handed to
                              another worker (longest wait + hard time limit + 30); a smaller value
                              than the longest wait plus the hard time limit is refused
@@ -80,6 +92,7 @@ class AppConfig:
     app_id: str
     dev_key: str = field(repr=False)
     rate_limit: str | None = None
+    burst: int | None = None
 
     def __repr__(self) -> str:
         limit = self.rate_limit
@@ -125,6 +138,16 @@ class Settings:
     dlq_max_entries: int = 100_000
     key_prefix: str = "metrix"
     visibility_timeout_override_s: int | None = None
+    rate_burst: int | None = None
+    global_rate_limit: str | None = None
+    rate_max_wait_s: float = 2.0
+    pause_default_s: float = 5.0
+    redrive_interval_s: float = 60.0
+    redrive_cooldown_s: float = 600.0
+    redrive_batch: int = 500
+    max_redrives: int = 5
+    reconcile_interval_s: float = 300.0
+    pending_max_age_s: float = 900.0
 
     def __repr__(self) -> str:
         shown = {
@@ -143,8 +166,14 @@ class Settings:
 
     @property
     def soft_time_limit_s(self) -> float:
-        """A delivery attempt's soft limit: above the HTTP timeouts, so they fire first."""
-        return self.connect_timeout_s + self.read_timeout_s + TIME_LIMIT_MARGIN_S
+        """A delivery attempt's soft limit: above a rate-limit wait plus the HTTP timeouts, so
+        they fire first."""
+        return (
+            self.rate_max_wait_s
+            + self.connect_timeout_s
+            + self.read_timeout_s
+            + TIME_LIMIT_MARGIN_S
+        )
 
     @property
     def time_limit_s(self) -> float:
@@ -193,6 +222,10 @@ class Settings:
             raise ConfigurationError(f"METRIX_BASE_URL: {base_url!r} is not an http(s) URL")
         rate_limit = env.get("METRIX_RATE_LIMIT") or DEFAULT_RATE_LIMIT
         parse_rate(rate_limit, "METRIX_RATE_LIMIT")
+        global_rate_limit = env.get("METRIX_GLOBAL_RATE_LIMIT") or None
+        if global_rate_limit is not None:
+            parse_rate(global_rate_limit, "METRIX_GLOBAL_RATE_LIMIT")
+        burst = reader.int("METRIX_RATE_BURST", 0, minimum=0) or None
         retry = RetryPolicy(
             max_attempts=reader.int("METRIX_MAX_ATTEMPTS", RetryPolicy.max_attempts, minimum=1),
             backoff_base_s=reader.float("METRIX_BACKOFF_BASE", RetryPolicy.backoff_base_s),
@@ -216,6 +249,18 @@ class Settings:
             dlq_retention_s=reader.int("METRIX_DLQ_RETENTION", cls.dlq_retention_s, minimum=60),
             dlq_max_entries=reader.int("METRIX_DLQ_MAX_ENTRIES", cls.dlq_max_entries, minimum=1),
             key_prefix=env.get("METRIX_KEY_PREFIX") or cls.key_prefix,
+            rate_burst=burst,
+            global_rate_limit=global_rate_limit,
+            rate_max_wait_s=reader.float("METRIX_RATE_MAX_WAIT", cls.rate_max_wait_s),
+            pause_default_s=reader.float("METRIX_PAUSE_DEFAULT", cls.pause_default_s),
+            redrive_interval_s=reader.float("METRIX_REDRIVE_INTERVAL", cls.redrive_interval_s),
+            redrive_cooldown_s=reader.float("METRIX_REDRIVE_COOLDOWN", cls.redrive_cooldown_s),
+            redrive_batch=reader.int("METRIX_REDRIVE_BATCH", cls.redrive_batch, minimum=1),
+            max_redrives=reader.int("METRIX_MAX_REDRIVES", cls.max_redrives),
+            reconcile_interval_s=reader.float(
+                "METRIX_RECONCILE_INTERVAL", cls.reconcile_interval_s
+            ),
+            pending_max_age_s=reader.float("METRIX_PENDING_MAX_AGE", cls.pending_max_age_s),
         )
         visibility = reader.int("METRIX_VISIBILITY_TIMEOUT", 0)
         if visibility:
@@ -260,10 +305,11 @@ def parse_apps(raw: str) -> dict[str, AppConfig]:
             raise ConfigurationError(
                 f"METRIX_APPS[{app_id!r}] must be a dev-key string or an object with 'dev_key'"
             )
-        unknown = sorted(set(value) - {"dev_key", "rate_limit"})
+        unknown = sorted(set(value) - {"dev_key", "rate_limit", "burst"})
         if unknown:
             raise ConfigurationError(
-                f"METRIX_APPS[{app_id!r}] has unknown keys {unknown}; allowed: dev_key, rate_limit"
+                f"METRIX_APPS[{app_id!r}] has unknown keys {unknown}; "
+                "allowed: dev_key, rate_limit, burst"
             )
         dev_key = value.get("dev_key")
         if not isinstance(dev_key, str) or not dev_key.strip():
@@ -273,7 +319,14 @@ def parse_apps(raw: str) -> dict[str, AppConfig]:
             if not isinstance(rate_limit, str):
                 raise ConfigurationError(f"METRIX_APPS[{app_id!r}].rate_limit must be a string")
             parse_rate(rate_limit, f"METRIX_APPS[{app_id!r}].rate_limit")
-        apps[app_id] = AppConfig(app_id=app_id, dev_key=dev_key.strip(), rate_limit=rate_limit)
+        burst = value.get("burst")
+        if burst is not None and (
+            not isinstance(burst, int) or isinstance(burst, bool) or burst < 1
+        ):
+            raise ConfigurationError(f"METRIX_APPS[{app_id!r}].burst must be a whole number >= 1")
+        apps[app_id] = AppConfig(
+            app_id=app_id, dev_key=dev_key.strip(), rate_limit=rate_limit, burst=burst
+        )
     return apps
 
 

@@ -1,12 +1,17 @@
-"""The delivery ledger against a real Redis."""
+"""The delivery ledger against a real Redis: claims, guards, pauses, rate limits, pending."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import redis
 from conftest import wait_until
 
-from metrix_s2s.ledger import ClaimState, Ledger
+from metrix_s2s.ledger import ClaimState, Ledger, Limits
+from metrix_s2s.ratelimit import RateLimit
+
+FAST = Limits(RateLimit(1_000_000, burst=1_000))
 
 
 @pytest.fixture
@@ -15,49 +20,113 @@ def ledger(redis_client: redis.Redis) -> Ledger:
 
 
 def test_a_claim_counts_attempts_and_holds_the_guard(ledger: Ledger) -> None:
-    first = ledger.claim("e1", "tok-a")
-    assert (first.state, first.attempt) == (ClaimState.OK, 1)
+    first = ledger.claim("e1", "tok-a", "A", FAST)
+    assert (first.state, first.attempt, first.wait_ms) == (ClaimState.OK, 1, 0)
     assert first.first_attempt_ms == first.now_ms
-    other = ledger.claim("e1", "tok-b")
+    other = ledger.claim("e1", "tok-b", "A", FAST)
     assert other.state is ClaimState.BUSY
-    assert 29_000 < other.busy_for_ms <= 30_000
-    assert ledger.release("e1", "tok-a")
-    second = ledger.claim("e1", "tok-b")
+    assert 29_000 < other.wait_ms <= 30_000
+    assert ledger.release("e1", "tok-a", "A")
+    second = ledger.claim("e1", "tok-b", "A", FAST)
     assert (second.state, second.attempt) == (ClaimState.OK, 2)
     assert second.first_attempt_ms == first.first_attempt_ms
 
 
 def test_releasing_someone_elses_guard_does_nothing(ledger: Ledger) -> None:
-    ledger.claim("e1", "tok-a")
-    assert not ledger.release("e1", "tok-b")
-    assert ledger.claim("e1", "tok-c").state is ClaimState.BUSY
+    ledger.claim("e1", "tok-a", "A", FAST)
+    assert not ledger.release("e1", "tok-b", "A")
+    assert ledger.claim("e1", "tok-c", "A", FAST).state is ClaimState.BUSY
 
 
-def test_a_delivered_event_is_never_claimed_again(
+def test_a_delivered_event_is_never_claimed_again_and_is_forgotten_elsewhere(
     ledger: Ledger, redis_client: redis.Redis
 ) -> None:
-    ledger.claim("e1", "tok-a")
-    ledger.delivered("e1", "tok-a", 200, 123)
+    ledger.mark_pending({"e1": ("A", {"eventSlug": "x"})}, now_ms=1)
+    redis_client.hset("t:redriven", "e1", 2)
+    ledger.claim("e1", "tok-a", "A", FAST)
+    ledger.delivered("e1", "tok-a", "A", 200, 123)
     assert ledger.is_delivered("e1")
-    assert ledger.claim("e1", "tok-b").state is ClaimState.DELIVERED
+    assert ledger.claim("e1", "tok-b", "A", FAST).state is ClaimState.DELIVERED
     assert redis_client.get("t:delivered:e1") == b"200:123"
     assert 3500 < redis_client.ttl("t:delivered:e1") <= 3600
-    assert not redis_client.exists("t:attempts:e1")
-    assert not redis_client.exists("t:inflight:e1")
+    for key in ("t:attempts:e1", "t:inflight:e1"):
+        assert not redis_client.exists(key)
+    assert redis_client.zscore("t:pending", "e1") is None
+    assert not redis_client.hexists("t:pending:msg", "e1")
+    assert not redis_client.hexists("t:redriven", "e1")
 
 
-def test_a_final_release_resets_the_budget(ledger: Ledger) -> None:
-    ledger.claim("e1", "tok-a")
-    ledger.release("e1", "tok-a")
-    ledger.claim("e1", "tok-b")
-    ledger.release("e1", "tok-b", final=True)
-    assert ledger.claim("e1", "tok-c").attempt == 1
+def test_a_final_release_resets_the_budget_and_the_pending_record(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    ledger.mark_pending({"e1": ("A", {})}, now_ms=1)
+    ledger.claim("e1", "tok-a", "A", FAST)
+    ledger.release("e1", "tok-a", "A")
+    assert redis_client.zscore("t:pending", "e1") > 1, "a retry marks the event as seen"
+    ledger.claim("e1", "tok-b", "A", FAST)
+    ledger.release("e1", "tok-b", "A", final=True)
+    assert redis_client.zscore("t:pending", "e1") is None
+    assert ledger.claim("e1", "tok-c", "A", FAST).attempt == 1
+
+
+def test_pending_records_hold_what_is_needed_to_re_enqueue(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    ledger.mark_pending({"e1": ("A", {"eventSlug": "x"}), "e2": ("B", {})}, now_ms=1000)
+    assert redis_client.zrange("t:pending", 0, -1, withscores=True) == [
+        (b"e1", 1000.0),
+        (b"e2", 1000.0),
+    ]
+    assert json.loads(redis_client.hget("t:pending:msg", "e1")) == ["A", {"eventSlug": "x"}]
+    claim = ledger.claim("e1", "tok", "A", FAST)
+    assert redis_client.zscore("t:pending", "e1") == claim.now_ms, "a claim marks it as seen"
 
 
 def test_a_dead_senders_guard_expires(redis_client: redis.Redis) -> None:
     ledger = Ledger(redis_client, prefix="t", ttl_s=3600, guard_ttl_s=1)
-    ledger.claim("e1", "tok-dead")
+    ledger.claim("e1", "tok-dead", "A", FAST)
     redis_client.pexpire("t:inflight:e1", 1)  # as if its time ran out
     assert wait_until(lambda: not redis_client.exists("t:inflight:e1"), timeout=2)
-    claim = ledger.claim("e1", "tok-b")
+    claim = ledger.claim("e1", "tok-b", "A", FAST)
     assert (claim.state, claim.attempt) == (ClaimState.OK, 2)
+
+
+def test_a_429_pauses_its_app_and_only_its_app(ledger: Ledger, redis_client: redis.Redis) -> None:
+    ledger.claim("e1", "tok-a", "A", FAST)
+    ledger.release("e1", "tok-a", "A", pause_ms=5000)
+    paused = ledger.claim("e2", "tok-b", "A", FAST)
+    assert paused.state is ClaimState.PAUSED
+    assert 4000 < paused.wait_ms <= 5000
+    assert ledger.claim("e3", "tok-c", "B", FAST).state is ClaimState.OK
+    assert not redis_client.exists("t:attempts:e2"), "a paused claim spends no attempt"
+    # a shorter pause never shortens a longer one
+    ledger.release("e3", "tok-c", "B", pause_ms=100)
+    ledger.release("e9", "tok-x", "A", pause_ms=100)
+    assert redis_client.pttl("t:pause:A") > 4000
+
+
+def test_the_rate_limit_reserves_slots_and_refuses_beyond_the_longest_wait(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    limits = Limits(RateLimit(10, burst=2), max_wait_s=0.25)
+    waits = []
+    for i in range(5):
+        claim = ledger.claim(f"e{i}", "tok", "A", limits)
+        waits.append((claim.state, claim.wait_ms))
+    # two at once (the burst), then one every 100 ms up to the 250 ms the caller may wait
+    assert [state for state, _ in waits] == [ClaimState.OK] * 4 + [ClaimState.LIMITED]
+    assert waits[0][1] == waits[1][1] == 0
+    assert 90 <= waits[2][1] <= 100
+    assert 190 <= waits[3][1] <= 200
+    assert 290 <= waits[4][1] <= 300
+    assert not redis_client.exists("t:attempts:e4"), "a limited claim spends no attempt"
+    # another app has a bucket of its own
+    assert ledger.claim("b1", "tok", "B", limits).wait_ms == 0
+
+
+def test_an_overall_limit_applies_across_apps(ledger: Ledger) -> None:
+    limits = Limits(RateLimit(1000, burst=100), overall=RateLimit(10, burst=1), max_wait_s=1)
+    first = ledger.claim("a1", "tok", "A", limits)
+    second = ledger.claim("b1", "tok", "B", limits)
+    assert first.wait_ms == 0
+    assert 90 <= second.wait_ms <= 100

@@ -233,13 +233,13 @@ def test_apps_must_be_a_json_object(raw: str) -> None:
         pytest.param({"  ": SECRET}, "METRIX_APPS has an empty app id", id="blank-app-id"),
         pytest.param(
             {"A": {"dev_key": SECRET, "rate": "1/s"}},
-            "METRIX_APPS['A'] has unknown keys ['rate']; allowed: dev_key, rate_limit",
+            "METRIX_APPS['A'] has unknown keys ['rate']; allowed: dev_key, rate_limit, burst",
             id="unknown-key",
         ),
         pytest.param(
             {"A": {"devkey": SECRET, "rateLimit": "1/s"}},
             "METRIX_APPS['A'] has unknown keys ['devkey', 'rateLimit']; "
-            "allowed: dev_key, rate_limit",
+            "allowed: dev_key, rate_limit, burst",
             id="misspelt-keys",
         ),
         pytest.param(
@@ -265,7 +265,7 @@ def test_the_bad_app_is_named_among_good_ones() -> None:
     value = {"good": OTHER_SECRET, "bad": {"dev_key": SECRET, "extra": 1}}
 
     assert config_error(apps_env(value)) == (
-        "METRIX_APPS['bad'] has unknown keys ['extra']; allowed: dev_key, rate_limit"
+        "METRIX_APPS['bad'] has unknown keys ['extra']; allowed: dev_key, rate_limit, burst"
     )
 
 

@@ -27,7 +27,7 @@ from celery.local import Proxy
 from ..backoff import compute_backoff
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
-from ..schema import validate_event
+from ..schema import now_ms, validate_event
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
@@ -82,12 +82,27 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         normalized = validate_event(event)
         event_id = task_id or str(uuid.uuid4())
         try:
-            return super().apply_async((app_id, normalized), None, event_id, *more, **options)
+            result = super().apply_async((app_id, normalized), None, event_id, *more, **options)
         except _PUBLISH_ERRORS as exc:
             raise EnqueueError(
                 f"could not enqueue event {event_id} for app {app_id!r}: the broker is "
                 f"unreachable ({type(exc).__name__}: {exc})"
             ) from exc
+        _mark_pending(event_id, app_id, normalized)
+        return result
+
+
+def _mark_pending(event_id: str, app_id: str, event: dict[str, Any]) -> None:
+    """Record a published event as pending, so that the reconciler can tell if the broker loses it.
+
+    Written only after the broker took the message: an event whose ``.delay()`` failed is never
+    delivered behind the producer's back. If Redis cannot take the record, the event is still
+    queued; it only loses the reconciler's protection, so this warns instead of failing.
+    """
+    try:
+        get_deliverer().ledger.mark_pending({event_id: (app_id, event)}, now_ms())
+    except redis.RedisError as exc:
+        logger.warning("event %s: queued, but not recorded as pending (%s)", event_id, exc)
 
 
 @shared_task(bind=True, base=SendEventTask, name=TASK_NAME)
