@@ -19,13 +19,14 @@ pytestmark = pytest.mark.slow
 EVENTS = 60
 CONCURRENCY = 4
 # Short timeouts so that the broker hands a dead worker's messages to another within seconds:
-# hard time limit 0.5 + 1 + 5 + 5 = 11.5 s and longest wait 0.3 s, so 12 s is a safe visibility
-# timeout.
+# hard time limit 0.5 (rate-limit wait) + 0.5 + 1 (HTTP) + 5 + 5 = 12 s and longest wait 0.3 s, so
+# 13 s is a safe visibility timeout.
 CRASH_ENV = {
+    "METRIX_RATE_MAX_WAIT": "0.5",
     "METRIX_CONNECT_TIMEOUT": "0.5",
     "METRIX_READ_TIMEOUT": "1",
     "METRIX_RETRY_AFTER_MAX": "0.3",
-    "METRIX_VISIBILITY_TIMEOUT": "12",
+    "METRIX_VISIBILITY_TIMEOUT": "13",
 }
 
 
@@ -80,7 +81,7 @@ def test_sigkill_while_retries_wait_loses_nothing_and_duplicates_nothing(
     # in a retry countdown of at least three seconds (unacknowledged, in its memory) when it dies
     events = 20
     env = CRASH_ENV | {"METRIX_RETRY_AFTER_MAX": "3", "METRIX_BACKOFF_MAX": "3"}
-    env["METRIX_VISIBILITY_TIMEOUT"] = "15"  # above 3 s of waiting plus the 11.5 s hard limit
+    env["METRIX_VISIBILITY_TIMEOUT"] = "16"  # above 3 s of waiting plus the 12 s hard limit
     fake_metrix.inject(503, count=events, retry_after="3")
     doomed = start_worker(fake_metrix.url, concurrency=CONCURRENCY, **env)
     for i in range(events):
