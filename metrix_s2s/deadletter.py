@@ -12,6 +12,7 @@ Keys (``P`` is ``METRIX_KEY_PREFIX``, default ``metrix``)::
     P:dlq:app:{app_id}          sorted set: the same, for one app
     P:dlq:reason:{reason}       sorted set: the same, for one reason
     P:dlq:apps / P:dlq:reasons  sets of the app ids and reasons that have (or had) entries
+    P:redriven                  hash: event id -> times re-driven, kept until it is delivered
 
 Retention: each write first drops entries whose last failure is older than the retention period,
 then the oldest entries beyond the size cap (a bounded number per write, so a write stays cheap).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,26 +41,35 @@ class Reason(enum.StrEnum):
     CONFIG = "config"  # the app's configuration is wrong (401/403/404, unknown app id)
     EXHAUSTED = "exhausted"  # retryable failures outlasted the retry budget
     POISON = "poison"  # delivery kept crashing or failing inside the worker
+    REDRIVE_LIMIT = "redrive_limit"  # re-driven METRIX_MAX_REDRIVES times and failed again
 
 
 #: Entries dropped per write at most, for retention or the size cap.
 TRIM_BATCH = 100
 
+# Shared by the scripts below: ``drop(p, id)`` removes one entry with its index entries and
+# returns its hash fields app_id, reason, event, detail (all nil when there was none).
+_DROP_LUA = """
+local function drop(p, victim, forget_redrives)
+  local key = p .. ':dlq:entry:' .. victim
+  local old = redis.call('HMGET', key, 'app_id', 'reason', 'event', 'detail')
+  if old[1] then redis.call('ZREM', p .. ':dlq:app:' .. old[1], victim) end
+  if old[2] then redis.call('ZREM', p .. ':dlq:reason:' .. old[2], victim) end
+  redis.call('ZREM', p .. ':dlq:by_time', victim)
+  redis.call('DEL', key)
+  if forget_redrives then redis.call('HDEL', p .. ':redriven', victim) end
+  return old
+end
+"""
+
 # ARGV: prefix, event_id, app_id, reason, now ms, retention ms, max entries, then field/value pairs.
 # Returns 1 when the entry is new, 0 when an existing one was updated.
-_ADD = """
+_ADD = (
+    _DROP_LUA
+    + """
 local p, id, app, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, retention, cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local by_time = p .. ':dlq:by_time'
-
-local function drop(victim)
-  local key = p .. ':dlq:entry:' .. victim
-  local old = redis.call('HMGET', key, 'app_id', 'reason')
-  if old[1] then redis.call('ZREM', p .. ':dlq:app:' .. old[1], victim) end
-  if old[2] then redis.call('ZREM', p .. ':dlq:reason:' .. old[2], victim) end
-  redis.call('ZREM', by_time, victim)
-  redis.call('DEL', key)
-end
 
 local key = p .. ':dlq:entry:' .. id
 local old = redis.call('HMGET', key, 'app_id', 'reason')
@@ -67,8 +77,9 @@ if old[1] and old[1] ~= app then redis.call('ZREM', p .. ':dlq:app:' .. old[1], 
 if old[2] and old[2] ~= reason then redis.call('ZREM', p .. ':dlq:reason:' .. old[2], id) end
 
 redis.call('HSETNX', key, 'first_failed_ms', now)
-redis.call('HSETNX', key, 'redriven', 0)
-redis.call('HSET', key, 'event_id', id, 'app_id', app, 'reason', reason, 'last_failed_ms', now)
+local redriven = redis.call('HGET', p .. ':redriven', id) or '0'
+redis.call('HSET', key, 'event_id', id, 'app_id', app, 'reason', reason, 'last_failed_ms', now,
+           'redriven', redriven)
 for i = 8, #ARGV, 2 do
   redis.call('HSET', key, ARGV[i], ARGV[i + 1])
 end
@@ -80,32 +91,78 @@ redis.call('SADD', p .. ':dlq:reasons', reason)
 
 for _, victim in ipairs(redis.call('ZRANGEBYSCORE', by_time, '-inf', '(' .. (now - retention),
                                    'LIMIT', 0, TRIM_BATCH)) do
-  drop(victim)
+  drop(p, victim, true)
 end
 local excess = redis.call('ZCARD', by_time) - cap
 if excess > 0 then
   for _, victim in ipairs(redis.call('ZRANGE', by_time, 0, math.min(excess, TRIM_BATCH) - 1)) do
-    drop(victim)
+    drop(p, victim, true)
   end
 end
 if old[1] then return 0 end
 return 1
 """.replace("TRIM_BATCH", str(TRIM_BATCH))
+)
 
 # ARGV: prefix, event_id. Returns 1 when an entry was removed.
-_REMOVE = """
-local p, id = ARGV[1], ARGV[2]
-local key = p .. ':dlq:entry:' .. id
-local old = redis.call('HMGET', key, 'app_id', 'reason')
-if not old[1] then return 0 end
-redis.call('ZREM', p .. ':dlq:app:' .. old[1], id)
-redis.call('ZREM', p .. ':dlq:reason:' .. old[2], id)
-redis.call('ZREM', p .. ':dlq:by_time', id)
-redis.call('DEL', key)
-return 1
+_REMOVE = (
+    _DROP_LUA
+    + """
+if drop(ARGV[1], ARGV[2], true)[1] then return 1 end
+return 0
 """
+)
+
+# Takes one entry out of the store to re-enqueue it, in one atomic step: the entry leaves the
+# store, its re-drive count goes up, its attempt budget is reset, and it is recorded as pending
+# (with its message), so that if the caller dies before publishing it, the reconciler does.
+# ARGV: prefix, event_id, now ms, re-drive limit (-1: none), allowed reasons (",a,b,").
+# Returns {'ok', app_id, event JSON} or {'gone'}, {'skipped', reason}, {'limit', reason}.
+_TAKE = (
+    _DROP_LUA
+    + """
+local p, id, now, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local key = p .. ':dlq:entry:' .. id
+local reason = redis.call('HGET', key, 'reason')
+if not reason then return {'gone'} end
+if reason == 'invalid' or not string.find(ARGV[5], ',' .. reason .. ',', 1, true) then
+  return {'skipped', reason}
+end
+local count = tonumber(redis.call('HGET', p .. ':redriven', id) or '0')
+if limit >= 0 and count >= limit then
+  if reason ~= 'redrive_limit' then
+    local score = redis.call('ZSCORE', p .. ':dlq:by_time', id)
+    local detail = redis.call('HGET', key, 'detail') or ''
+    redis.call('ZREM', p .. ':dlq:reason:' .. reason, id)
+    redis.call('ZADD', p .. ':dlq:reason:redrive_limit', score, id)
+    redis.call('SADD', p .. ':dlq:reasons', 'redrive_limit')
+    redis.call('HSET', key, 'reason', 'redrive_limit', 'detail',
+               're-driven ' .. count .. ' times, the limit; last failure (' .. reason .. '): '
+               .. detail)
+  end
+  return {'limit', reason}
+end
+local old = drop(p, id, false)
+redis.call('HSET', p .. ':redriven', id, count + 1)
+redis.call('ZADD', p .. ':pending', now, id)
+redis.call('HSET', p .. ':pending:msg', id, '[' .. cjson.encode(old[1]) .. ',' .. old[3] .. ']')
+redis.call('DEL', p .. ':attempts:' .. id)
+return {'ok', old[1], old[3]}
+"""
+)
 
 _INT_FIELDS = ("attempts", "first_failed_ms", "last_failed_ms", "redriven")
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What :meth:`DeadLetterStore.take` found: ``ok`` (with the app and event to re-enqueue),
+    ``gone`` (another re-driver was first), ``skipped`` or ``limit`` (with the entry's reason)."""
+
+    state: str
+    app_id: str = ""
+    event: Any = None
+    reason: str | None = None
 
 
 def _text(value: Any) -> str:
@@ -165,15 +222,16 @@ class DeadLetterStore:
     def __init__(
         self, client: redis.Redis, *, prefix: str, retention_s: int, max_entries: int
     ) -> None:
-        self._redis = client
-        self._prefix = prefix
+        self.client = client
+        self.prefix = prefix
         self._retention_ms = retention_s * 1000
         self._max_entries = max_entries
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
+        self._take = client.register_script(_TAKE)
 
     def _key(self, *parts: str) -> str:
-        return ":".join((self._prefix, "dlq", *parts))
+        return ":".join((self.prefix, "dlq", *parts))
 
     def add(
         self,
@@ -199,7 +257,7 @@ class DeadLetterStore:
             "key_fingerprint": key_fingerprint,
         }
         args: list[str | int] = [
-            self._prefix,
+            self.prefix,
             event_id,
             app_id,
             Reason(reason).value,
@@ -212,12 +270,44 @@ class DeadLetterStore:
         return bool(self._add(args=args))
 
     def get(self, event_id: str) -> DeadLetter | None:
-        raw = self._redis.hgetall(self._key("entry", event_id))
+        raw = self.client.hgetall(self._key("entry", event_id))
         return DeadLetter.from_hash(raw) if raw else None
 
     def remove(self, event_id: str) -> bool:
         """Remove one entry and its index entries; ``True`` if it existed."""
-        return bool(self._remove(args=[self._prefix, event_id]))
+        return bool(self._remove(args=[self.prefix, event_id]))
+
+    def take(
+        self,
+        event_id: str,
+        *,
+        now_ms: int,
+        reasons: Iterable[Reason],
+        max_redrives: int | None,
+    ) -> Taken:
+        """Take one entry out of the store for re-enqueueing (see ``_TAKE``): atomic, so two
+        re-drivers racing over the same entry cannot both get it."""
+        allowed = "," + ",".join(Reason(r).value for r in reasons) + ","
+        limit = -1 if max_redrives is None else max_redrives
+        reply = self._take(args=[self.prefix, event_id, now_ms, limit, allowed])
+        state = _text(reply[0])
+        if state == "ok":
+            return Taken("ok", app_id=_text(reply[1]), event=json.loads(_text(reply[2])))
+        return Taken(state, reason=_text(reply[1]) if len(reply) > 1 else None)
+
+    def purge(
+        self,
+        *,
+        app_id: str | None = None,
+        reason: Reason | str | None = None,
+        until_ms: int | None = None,
+        ids: Iterable[str] = (),
+    ) -> int:
+        """Remove the matching entries (or exactly ``ids``); return how many went."""
+        chosen = list(ids) or [
+            letter.event_id for letter in self.iter(app_id=app_id, reason=reason, until_ms=until_ms)
+        ]
+        return sum(self.remove(event_id) for event_id in chosen)
 
     def _index(self, app_id: str | None, reason: Reason | str | None) -> str:
         if app_id is not None:
@@ -229,7 +319,7 @@ class DeadLetterStore:
     def count(self, *, app_id: str | None = None, reason: Reason | str | None = None) -> int:
         if app_id is not None and reason is not None:
             return sum(1 for _ in self.iter(app_id=app_id, reason=reason))
-        return int(self._redis.zcard(self._index(app_id, reason)))
+        return int(self.client.zcard(self._index(app_id, reason)))
 
     def iter(
         self,
@@ -249,13 +339,13 @@ class DeadLetterStore:
         offset = 0
         while True:
             if oldest_first:
-                ids = self._redis.zrangebyscore(index, low, high, start=offset, num=page)
+                ids = self.client.zrangebyscore(index, low, high, start=offset, num=page)
             else:
-                ids = self._redis.zrevrangebyscore(index, high, low, start=offset, num=page)
+                ids = self.client.zrevrangebyscore(index, high, low, start=offset, num=page)
             if not ids:
                 return
             offset += len(ids)
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             for raw_id in ids:
                 pipe.hgetall(self._key("entry", _text(raw_id)))
             for raw in pipe.execute():
@@ -290,9 +380,9 @@ class DeadLetterStore:
 
     def stats(self) -> dict[str, Any]:
         """Counts by app and by reason, the total and the oldest entry's last failure time."""
-        apps = sorted(_text(m) for m in self._redis.smembers(self._key("apps")))
-        reasons = sorted(_text(m) for m in self._redis.smembers(self._key("reasons")))
-        pipe = self._redis.pipeline(transaction=False)
+        apps = sorted(_text(m) for m in self.client.smembers(self._key("apps")))
+        reasons = sorted(_text(m) for m in self.client.smembers(self._key("reasons")))
+        pipe = self.client.pipeline(transaction=False)
         pipe.zcard(self._key("by_time"))
         pipe.zrange(self._key("by_time"), 0, 0, withscores=True)
         for app in apps:

@@ -4,6 +4,16 @@ Include this module in a Celery app (``include=["metrix_s2s.tasks"]`` or autodis
 workers to run metrix-s2s's tasks.
 """
 
+from .maintenance import RECONCILE_TASK, REDRIVE_TASK, reconcile_pending, redrive_dead_letters
 from .send import QUEUE, TASK_NAME, SendEventTask, send_metrix_event
 
-__all__ = ["QUEUE", "TASK_NAME", "SendEventTask", "send_metrix_event"]
+__all__ = [
+    "QUEUE",
+    "RECONCILE_TASK",
+    "REDRIVE_TASK",
+    "TASK_NAME",
+    "SendEventTask",
+    "reconcile_pending",
+    "redrive_dead_letters",
+    "send_metrix_event",
+]

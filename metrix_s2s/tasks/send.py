@@ -63,7 +63,6 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
     ignore_result = True
     serializer = "json"
     max_retries = None  # the retry budget is ours (attempts, retry window), not Celery's
-    queue = QUEUE
 
     def apply_async(
         self,

@@ -12,7 +12,10 @@ from typing import Any
 from kombu.entity import Queue
 
 from ..settings import Settings, get_settings
+from ..tasks.maintenance import RECONCILE_TASK, REDRIVE_TASK
 from ..tasks.send import QUEUE, TASK_NAME
+
+MAINTENANCE_TASKS = (REDRIVE_TASK, RECONCILE_TASK)
 
 #: Ceiling on the Redis broker connections of one worker (kombu's default of 10 is exhausted by a
 #: pool of threads or greenlets, which then fails acks and redelivers). Connections open lazily.
@@ -33,7 +36,8 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
     - task events and sent events on, for Flower;
     - a producer that fails within seconds when the broker is down, instead of hanging.
 
-    The task itself carries acks-late, reject-on-worker-lost, JSON and its queue.
+    The send task itself carries acks-late, reject-on-worker-lost and JSON; the routes send it, and
+    the periodic tasks, to the ``metrix_s2s`` queue.
     """
     s = settings or get_settings()
     transport: dict[str, Any] = {
@@ -63,7 +67,7 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_routes": {TASK_NAME: {"queue": QUEUE}},
+        "task_routes": {name: {"queue": QUEUE} for name in (TASK_NAME, *MAINTENANCE_TASKS)},
         "task_annotations": {
             TASK_NAME: {
                 "soft_time_limit": s.soft_time_limit_s,
@@ -71,6 +75,26 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
             }
         },
     }
+
+
+def beat_schedule(settings: Settings | None = None) -> dict[str, Any]:
+    """The periodic tasks for ``beat_schedule``: re-drive and the reconciler (run exactly one beat;
+    each run also takes a lock, so a second one only wastes a little work)."""
+    s = settings or get_settings()
+    schedule: dict[str, Any] = {}
+    if s.redrive_interval_s > 0:
+        schedule["metrix-s2s-redrive"] = {
+            "task": REDRIVE_TASK,
+            "schedule": s.redrive_interval_s,
+            "options": {"queue": QUEUE, "expires": s.redrive_interval_s},
+        }
+    if s.reconcile_interval_s > 0:
+        schedule["metrix-s2s-reconcile"] = {
+            "task": RECONCILE_TASK,
+            "schedule": s.reconcile_interval_s,
+            "options": {"queue": QUEUE, "expires": s.reconcile_interval_s},
+        }
+    return schedule
 
 
 def own_app_settings(settings: Settings | None = None) -> dict[str, Any]:
@@ -87,4 +111,5 @@ def own_app_settings(settings: Settings | None = None) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_queues": (Queue(QUEUE, routing_key=QUEUE),),
         "task_default_queue": QUEUE,
+        "beat_schedule": beat_schedule(s),
     }
