@@ -156,37 +156,65 @@ class Worker:
         self.proc.wait(timeout=10)
 
 
+def _launch(cmd: list[str], env: dict[str, str], log_path: Path, ready: str) -> Worker:
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    process = Worker(proc, log_path, env)
+    deadline = time.monotonic() + 30
+    while ready not in process.log():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            process.stop()
+            pytest.fail(f"{cmd[5]} did not start:\n{process.log()[-3000:]}", pytrace=False)
+        time.sleep(0.1)
+    return process
+
+
 @pytest.fixture
 def start_worker(
     redis_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> Iterator[Callable[..., Worker]]:
+    """Start real ``celery worker`` processes of metrix-s2s's app; all stopped after the test."""
     started: list[Worker] = []
 
     def start(base_url: str, *, pool: str = "threads", concurrency: int = 4, **env: str) -> Worker:
-        log_path = tmp_path / f"worker-{len(started)}.log"
-        full_env = worker_env(redis_url, base_url, **env)
+        n = len(started)
         cmd = [
             sys.executable, "-m", "celery", "-A", "metrix_s2s.workers", "worker",
             "-P", pool, "-c", str(concurrency), "-l", "INFO", "--without-mingle",
-            "--without-gossip", "-n", f"test{len(started)}-{os.getpid()}@%h",
+            "--without-gossip", "-n", f"test{n}-{os.getpid()}@%h",
         ]  # fmt: skip
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        worker = Worker(proc, log_path, full_env)
+        env_ = worker_env(redis_url, base_url, **env)
+        worker = _launch(cmd, env_, tmp_path / f"worker-{n}.log", "ready.")
         started.append(worker)
-        deadline = time.monotonic() + 30
-        while "ready." not in worker.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                worker.stop()
-                pytest.fail(f"worker did not start:\n{worker.log()[-3000:]}", pytrace=False)
-            time.sleep(0.1)
         return worker
 
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def start_beat(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., Worker]]:
+    """Start a real ``celery beat`` of metrix-s2s's app; stopped after the test."""
+    started: list[Worker] = []
+
+    def start(base_url: str, **env: str) -> Worker:
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "metrix_s2s.workers", "beat", "-l", "DEBUG",
+            "-s", str(tmp_path / "beat-schedule"), "--pidfile=",
+        ]  # fmt: skip
+        env_ = worker_env(redis_url, base_url, **env)
+        beat = _launch(cmd, env_, tmp_path / "beat.log", "beat: Starting")
+        started.append(beat)
+        return beat
+
+    yield start
+    for beat in started:
+        beat.stop()
 
 
 @pytest.fixture(scope="session")
