@@ -115,8 +115,10 @@ class Deliverer:
         if claim.state is not ClaimState.OK:
             # Busy elsewhere, paused by a 429, or no rate-limit slot soon: come back later, with
             # jitter so that deferred events do not wake together, without spending an attempt.
+            # (A rate-limited event's wait is already its own place in line: little jitter.)
             wait_s = claim.wait_ms / 1000
-            countdown = min(wait_s + self._rand() * min(1.0, wait_s / 5 + 0.1), self._max_defer_s)
+            spread = 0.05 if claim.state is ClaimState.LIMITED else min(1.0, wait_s / 5 + 0.1)
+            countdown = min(wait_s + self._rand() * spread, self._max_defer_s)
             self._log(logging.INFO, f"defer:{claim.state}", app_id, event_id, 0, None, 0.0)
             return Result(Action.DEFER, countdown_s=countdown)
         if claim.wait_ms:

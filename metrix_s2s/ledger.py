@@ -35,7 +35,7 @@ import redis
 
 from .ratelimit import GCRA_LUA, RateLimit
 
-# KEYS: delivered, inflight, attempts, pending, pause, app bucket, overall bucket.
+# KEYS: delivered, inflight, attempts, pending, pause, app bucket, overall bucket, app's later line.
 # ARGV: token, guard ttl ms, attempts ttl s, event id, app emission us, app tolerance us,
 #       overall emission us (0: none), overall tolerance us, max wait us.
 # Returns {state, value, first attempt ms, now ms, wait ms}.
@@ -64,10 +64,19 @@ if overall > 0 then
   overall_wait, overall_tat = gcra(KEYS[7], overall, tonumber(ARGV[8]), now_us)
   if overall_wait > wait then wait = overall_wait end
 end
-local wait_ms = math.ceil(wait / 1000)
 if wait > tonumber(ARGV[9]) then
-  return {'limited', wait_ms, 0, now, wait_ms}
+  -- No slot soon: give the caller a place in the app's line of deferred events instead, one
+  -- emission interval after the last, so that deferred events come back spread out rather than
+  -- all at once (they claim a real slot when they come back).
+  local start = now_us + wait
+  local later = tonumber(redis.call('GET', KEYS[8]) or '0')
+  if later > start then start = later end
+  local slot = start + tonumber(ARGV[5])
+  store_tat(KEYS[8], slot, now_us)
+  local later_ms = math.ceil((slot - now_us) / 1000)
+  return {'limited', later_ms, 0, now, later_ms}
 end
+local wait_ms = math.ceil(wait / 1000)
 store_tat(KEYS[6], tat, now_us)
 if overall > 0 then store_tat(KEYS[7], overall_tat, now_us) end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', tonumber(ARGV[2]) + wait_ms)
@@ -116,7 +125,7 @@ class ClaimState(enum.StrEnum):
     DELIVERED = "delivered"  # already delivered: do nothing
     BUSY = "busy"  # another worker is sending it right now
     PAUSED = "paused"  # Metrix asked this app to slow down (429): wait ``wait_ms``
-    LIMITED = "limited"  # no rate-limit slot within the longest wait: come back in ``wait_ms``
+    LIMITED = "limited"  # no rate-limit slot soon: come back in ``wait_ms`` (a place in line)
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,7 @@ class Ledger:
             self.key("pause", app_id),
             self.key("rl", app_id),
             self.key("rl", "*"),
+            self.key("rl", f"{app_id}:later"),
         ]
         args: list[str | int] = [
             token,

@@ -3,9 +3,12 @@
 Celery's own ``rate_limit`` is per worker process, so a pool of ten workers sends ten times the
 limit. Here each app has a GCRA (generic cell rate algorithm) bucket in Redis, evaluated by a Lua
 script against Redis' own clock, so hosts with skewed clocks still agree. A request reserves the
-next free slot: it may send at once, or after a short wait spent in the worker; a wait longer than
-``max_wait`` reserves nothing and the task is re-scheduled instead, without touching its retry
-budget. An optional overall limit applies across all apps.
+next free slot: it may send at once, or after a short wait spent in the worker (``max_wait``, kept
+short so that one slow app cannot tie up the threads that other apps need). A longer wait reserves
+no slot: the task is re-scheduled, without touching its retry budget, for its place in the app's
+line of deferred events, one emission interval after the previous one, so that a backlog comes
+back spread out at the app's rate instead of waking all at once. An optional overall limit
+applies across all apps.
 
 A 429 from Metrix pauses the app for the whole pool: the ``Retry-After`` (or a default) is written
 to Redis and every worker waits it out before sending for that app; other apps keep flowing.
@@ -14,6 +17,7 @@ Keys (``P`` is ``METRIX_KEY_PREFIX``)::
 
     P:rl:{app_id}    string: the app's theoretical arrival time, in microseconds of Redis' clock
     P:rl:*           the same for the overall limit, when one is set
+    P:rl:{app_id}:later  string: the end of the app's line of deferred events, in microseconds
     P:pause:{app_id} string with a TTL: the app is paused while it exists
 
 Why not a library: ``limits`` (5.8) pins redis-py below 8 in its ``redis`` extra, which Celery

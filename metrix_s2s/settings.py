@@ -16,8 +16,8 @@ Variables (defaults in parentheses):
 ``METRIX_RATE_LIMIT``        default per-app delivery rate shared by the pool (``100/s``)
 ``METRIX_RATE_BURST``        events an app may send back to back (a tenth of a second's worth)
 ``METRIX_GLOBAL_RATE_LIMIT`` optional overall rate across all apps (none)
-``METRIX_RATE_MAX_WAIT``     longest wait for a rate-limit slot spent in the worker, in seconds;
-                             a longer one re-schedules the task (2)
+``METRIX_RATE_MAX_WAIT``     longest wait for a rate-limit slot or a pause spent in the worker, in
+                             seconds; a longer one re-schedules the task (0.25)
 ``METRIX_PAUSE_DEFAULT``     how long a 429 without ``Retry-After`` pauses the app, in seconds (5)
 ``METRIX_MAX_ATTEMPTS``      delivery attempts before an event is dead-lettered as exhausted (8)
 ``METRIX_BACKOFF_BASE``      first backoff ceiling in seconds; doubles per attempt (2)
@@ -140,7 +140,7 @@ class Settings:
     visibility_timeout_override_s: int | None = None
     rate_burst: int | None = None
     global_rate_limit: str | None = None
-    rate_max_wait_s: float = 2.0
+    rate_max_wait_s: float = 0.25
     pause_default_s: float = 5.0
     redrive_interval_s: float = 60.0
     redrive_cooldown_s: float = 600.0
