@@ -96,3 +96,49 @@ def test_sigkill_while_retries_wait_loses_nothing_and_duplicates_nothing(
     time.sleep(1)
     seen = Counter(r.body["metrixUserId"] for r in fake_metrix.accepted)
     assert seen == {f"user-{i}": 1 for i in range(events)}
+
+
+def test_chaos_repeated_sigkills_while_thousands_of_events_flow(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    start_beat: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given two workers, a beat running the reconciler, and thousands of events
+    events, kills, concurrency = 3000, 4, 8
+    env = CRASH_ENV | {
+        "METRIX_RATE_LIMIT": "100000/s",
+        "METRIX_PENDING_MAX_AGE": "30",
+        "METRIX_RECONCILE_INTERVAL": "5",
+    }
+    fake_metrix.set_latency(0.02)
+    workers = [start_worker(fake_metrix.url, concurrency=concurrency, **env) for _ in range(2)]
+    start_beat(fake_metrix.url, **env)
+    for i in range(events):
+        producer.delay(APP_ID, make_event(metrixUserId=f"user-{i}"))
+    # When workers are SIGKILLed one after another while delivering, and replaced
+    at_kills = []
+    for _ in range(kills):
+        time.sleep(1.0)
+        workers.pop(0).kill()
+        at_kills.append(len(fake_metrix.accepted))
+        workers.append(start_worker(fake_metrix.url, concurrency=concurrency, **env))
+    assert at_kills[-1] < events, f"the flow ended before the last kill: {at_kills}"
+
+    # Then every event is delivered in the end
+    def all_seen() -> bool:
+        return len({r.body["metrixUserId"] for r in fake_metrix.accepted}) == events
+
+    assert wait_until(all_seen, timeout=150, interval=0.5), (
+        f"{events - len({r.body['metrixUserId'] for r in fake_metrix.accepted})} events lost"
+    )
+    time.sleep(1)
+    seen = Counter(r.body["metrixUserId"] for r in fake_metrix.accepted)
+    duplicates = sum(seen.values()) - events
+    print(
+        f"\nchaos: {events} events, {kills} SIGKILLs (delivered by then: {at_kills}), "
+        f"{duplicates} duplicates at Metrix"
+    )
+    # And duplicates are bounded by the POSTs on the wire at each kill
+    assert duplicates <= kills * concurrency
