@@ -19,9 +19,9 @@ import redis
 from click.testing import CliRunner, Result
 from conftest import APP_ID, OTHER_APP, make_event
 
-from metrix_s2s import cli as cli_module
 from metrix_s2s import operations
 from metrix_s2s.cli import cli, main, read_events
+from metrix_s2s.cli import events as cli_events
 from metrix_s2s.deadletter import DeadLetterStore, Reason
 from metrix_s2s.errors import EnqueueError
 from metrix_s2s.schema import now_ms
@@ -531,7 +531,7 @@ def test_send_stops_at_a_broker_that_is_down(
         def apply_async(self, args: Any) -> Any:
             raise EnqueueError("could not enqueue event x: the broker is unreachable")
 
-    monkeypatch.setattr(cli_module, "send_metrix_event", DownTask())
+    monkeypatch.setattr(cli_events, "send_metrix_event", DownTask())
     path = tmp_path / "events.jsonl"
     path.write_text(event_lines(make_event(), make_event()))
     result = invoke("send", APP_ID, str(path))

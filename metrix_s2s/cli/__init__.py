@@ -1,0 +1,32 @@
+"""The ``metrix-s2s`` command: dead letters, sending and checking events, running Celery.
+
+::
+
+    metrix-s2s dlq list|show|stats|redrive|purge   the dead-letter store
+    metrix-s2s send APP_ID FILE|-                  enqueue events from a file or stdin
+    metrix-s2s validate FILE|-                     check events without enqueueing them
+    metrix-s2s worker | beat                       run Celery with metrix-s2s's own app
+
+Every invocation reads the environment once (the same variables as the workers) and installs those
+settings for the process. Every failure is one line on stderr starting with ``error: ``, never a
+traceback, and its exit code says what kind it was: 1 not found, invalid input or not done,
+2 configuration or usage, 3 Redis unreachable.
+
+This package puts the command together: the root group and the entry point are in :mod:`.app`,
+each subcommand in its own module.
+"""
+
+from __future__ import annotations
+
+from .app import cli, main
+from .dlq import dlq
+from .events import read_events, send, validate
+from .processes import beat, worker
+
+cli.add_command(dlq)
+cli.add_command(send)
+cli.add_command(validate)
+cli.add_command(worker)
+cli.add_command(beat)
+
+__all__ = ["cli", "main", "read_events"]
