@@ -21,7 +21,12 @@ CONCURRENCY = 4
 # Short timeouts so that the broker hands a dead worker's messages to another within seconds:
 # hard time limit 0.5 (rate-limit wait) + 0.5 + 1 (HTTP) + 5 + 5 = 12 s and longest wait 0.3 s, so
 # 13 s is a safe visibility timeout.
+# The reconciler runs every 3 s for events unseen for 25 s: a message kombu loses when a worker dies
+# between taking it off the queue and recording it as unacknowledged (celery/kombu#305; seen here
+# in about one run in four) comes back that way.
 CRASH_ENV = {
+    "METRIX_PENDING_MAX_AGE": "25",
+    "METRIX_RECONCILE_INTERVAL": "3",
     "METRIX_RATE_MAX_WAIT": "0.5",
     "METRIX_CONNECT_TIMEOUT": "0.5",
     "METRIX_READ_TIMEOUT": "1",
@@ -34,10 +39,12 @@ def test_sigkill_mid_delivery_loses_nothing(
     producer: Any,
     fake_metrix: FakeMetrix,
     start_worker: Callable[..., Worker],
+    start_beat: Callable[..., Worker],
     redis_client: redis.Redis,
 ) -> None:
     # Given a slow Metrix and a worker busy delivering a batch
     fake_metrix.set_latency(0.05)
+    start_beat(fake_metrix.url, **CRASH_ENV)
     doomed = start_worker(fake_metrix.url, concurrency=CONCURRENCY, **CRASH_ENV)
     for i in range(EVENTS):
         producer.delay(APP_ID, make_event(metrixUserId=f"user-{i}"))
@@ -75,6 +82,7 @@ def test_sigkill_while_retries_wait_loses_nothing_and_duplicates_nothing(
     producer: Any,
     fake_metrix: FakeMetrix,
     start_worker: Callable[..., Worker],
+    start_beat: Callable[..., Worker],
     redis_client: redis.Redis,
 ) -> None:
     # Given every first attempt fails with a 503 and Retry-After: 3, so the worker holds each event
@@ -83,6 +91,7 @@ def test_sigkill_while_retries_wait_loses_nothing_and_duplicates_nothing(
     env = CRASH_ENV | {"METRIX_RETRY_AFTER_MAX": "3", "METRIX_BACKOFF_MAX": "3"}
     env["METRIX_VISIBILITY_TIMEOUT"] = "16"  # above 3 s of waiting plus the 12 s hard limit
     fake_metrix.inject(503, count=events, retry_after="3")
+    start_beat(fake_metrix.url, **env)
     doomed = start_worker(fake_metrix.url, concurrency=CONCURRENCY, **env)
     for i in range(events):
         producer.delay(APP_ID, make_event(metrixUserId=f"user-{i}"))
@@ -106,13 +115,9 @@ def test_chaos_repeated_sigkills_while_thousands_of_events_flow(
     redis_client: redis.Redis,
 ) -> None:
     # Given two workers, a beat running the reconciler, and thousands of events
-    events, kills, concurrency = 3000, 4, 8
-    env = CRASH_ENV | {
-        "METRIX_RATE_LIMIT": "100000/s",
-        "METRIX_PENDING_MAX_AGE": "30",
-        "METRIX_RECONCILE_INTERVAL": "5",
-    }
-    fake_metrix.set_latency(0.02)
+    events, kills, concurrency = 4000, 4, 8
+    env = CRASH_ENV | {"METRIX_RATE_LIMIT": "100000/s"}
+    fake_metrix.set_latency(0.04)  # at most 16 / 0.04 = 400 events/s: kills land mid-flow
     workers = [start_worker(fake_metrix.url, concurrency=concurrency, **env) for _ in range(2)]
     start_beat(fake_metrix.url, **env)
     for i in range(events):
