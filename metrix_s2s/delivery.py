@@ -113,16 +113,16 @@ class Deliverer:
             self._log(logging.INFO, "duplicate", app_id, event_id, 0, None, 0.0)
             return Result(Action.DUPLICATE)
         if claim.state is not ClaimState.OK:
-            # Busy elsewhere, paused by a 429, or no rate-limit slot soon: come back later, with
-            # jitter so that deferred events do not wake together, without spending an attempt.
-            # (A rate-limited event's wait is already its own place in line: little jitter.)
-            wait_s = claim.wait_ms / 1000
-            spread = 0.05 if claim.state is ClaimState.LIMITED else min(1.0, wait_s / 5 + 0.1)
-            countdown = min(wait_s + self._rand() * spread, self._max_defer_s)
+            # Busy elsewhere, paused by a 429, or no rate-limit slot soon: come back later,
+            # without spending an attempt.
             self._log(logging.INFO, f"defer:{claim.state}", app_id, event_id, 0, None, 0.0)
-            return Result(Action.DEFER, countdown_s=countdown)
+            return self._defer(claim.wait_ms, lined_up=claim.state is ClaimState.LIMITED)
         if claim.wait_ms:
             time.sleep(claim.wait_ms / 1000)  # our reserved rate-limit slot
+            paused_ms = self.ledger.pause_left_ms(app_id)
+            if paused_ms:  # a 429 arrived while we waited: honour it, spend nothing
+                self.ledger.unclaim(event_id, token, app_id)
+                return self._defer(paused_ms)
 
         policy = self.settings.retry
         attempt = claim.attempt
@@ -201,6 +201,14 @@ class Deliverer:
                 return claim
             time.sleep(claim.wait_ms / 1000)
         return claim
+
+    def _defer(self, wait_ms: int, *, lined_up: bool = False) -> Result:
+        """Come back after ``wait_ms``, with jitter so that deferred events do not wake together
+        (a rate-limited event's wait is already its own place in line: it needs little)."""
+        wait_s = wait_ms / 1000
+        spread = 0.05 if lined_up else min(1.0, wait_s / 5 + 0.1)
+        countdown = min(wait_s + self._rand() * spread, self._max_defer_s)
+        return Result(Action.DEFER, countdown_s=countdown)
 
     def _limits_for(self, app: AppConfig) -> Limits:
         limits = self._limits.get(app.app_id)

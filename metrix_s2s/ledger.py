@@ -91,7 +91,8 @@ return {'ok', n, tonumber(redis.call('HGET', KEYS[3], 'first')), now, wait_ms}
 # KEYS: delivered, inflight, attempts, pending, pending msgs, pause, redriven.
 # ARGV: token, mode, value, ledger ttl s, event id, pause ms.
 # mode "delivered": record the delivery and forget the event everywhere else; "final" (it was
-# dead-lettered): forget its attempts and pending record; "retry": keep them and mark it seen.
+# dead-lettered): forget its attempts and pending record; "retry": keep them and mark it seen;
+# "undo": as "retry", and take back the attempt the claim counted (nothing was sent).
 # A pause (after a 429) is lengthened, never shortened. Always releases the guard if this attempt
 # still holds it, and returns 1 when it did.
 _FINISH = """
@@ -100,9 +101,10 @@ if ARGV[2] == 'delivered' then
   redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
   redis.call('HDEL', KEYS[7], id)
 end
-if ARGV[2] == 'retry' then
+if ARGV[2] == 'retry' or ARGV[2] == 'undo' then
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[4], 'XX', t[1] * 1000 + math.floor(t[2] / 1000), id)
+  if ARGV[2] == 'undo' then redis.call('HINCRBY', KEYS[3], 'n', -1) end
 else
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], id)
@@ -234,6 +236,14 @@ class Ledger:
         """
         mode = "final" if final else "retry"
         return self.finish(event_id, token, app_id, mode, pause_ms=pause_ms)
+
+    def unclaim(self, event_id: str, token: str, app_id: str) -> None:
+        """Give back a claim that sent nothing: release the guard and the attempt it counted."""
+        self.finish(event_id, token, app_id, "undo")
+
+    def pause_left_ms(self, app_id: str) -> int:
+        """How long the app stays paused after a 429, in milliseconds (0: not paused)."""
+        return max(0, int(self._redis.pttl(self.key("pause", app_id))))
 
     def is_delivered(self, event_id: str) -> bool:
         return bool(self._redis.exists(self.key("delivered", event_id)))

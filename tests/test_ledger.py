@@ -133,3 +133,15 @@ def test_an_overall_limit_applies_across_apps(ledger: Ledger) -> None:
     second = ledger.claim("b1", "tok", "B", limits)
     assert first.wait_ms == 0
     assert 90 <= second.wait_ms <= 100
+
+
+def test_unclaiming_gives_back_the_attempt_and_the_guard(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    ledger.claim("e1", "tok-a", "A", FAST)
+    ledger.unclaim("e1", "tok-a", "A")
+    assert not redis_client.exists("t:inflight:e1")
+    assert ledger.claim("e1", "tok-b", "A", FAST).attempt == 1
+    assert ledger.pause_left_ms("A") == 0
+    ledger.release("e1", "tok-b", "A", pause_ms=3000)
+    assert 2000 < ledger.pause_left_ms("A") <= 3000

@@ -80,7 +80,7 @@ def test_a_429_pauses_its_app_for_the_whole_pool_and_only_that_app(
     assert fake_metrix.wait_for(80, timeout=60)
     requests = fake_metrix.requests
     throttled = next(r for r in requests if r.status == 429)
-    window = (throttled.at + 0.1, throttled.at + 2.0)  # 0.1 s for requests already on the wire
+    window = (throttled.at + 0.2, throttled.at + 2.0)  # 0.2 s for requests already on the wire
     a_in_window = [r for r in requests if r.app_id == APP_ID and window[0] <= r.at < window[1]]
     b_in_window = [r for r in requests if r.app_id == OTHER_APP and window[0] <= r.at < window[1]]
     on_the_wire = [r for r in requests if r.app_id == APP_ID and throttled.at < r.at < window[0]]
