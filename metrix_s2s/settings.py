@@ -148,6 +148,8 @@ class Settings:
     max_redrives: int = 5
     reconcile_interval_s: float = 300.0
     pending_max_age_s: float = 900.0
+    #: Whether ``METRIX_REDIS_URL`` was given (otherwise it follows the broker).
+    redis_url_explicit: bool = False
 
     def __repr__(self) -> str:
         shown = {
@@ -159,6 +161,21 @@ class Settings:
             "retry": self.retry,
         }
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ", ...)"
+
+    def for_broker(self, broker_url: str) -> Settings:
+        """These settings for a Celery app whose broker is ``broker_url``: metrix-s2s's state
+        follows a Redis broker unless ``METRIX_REDIS_URL`` names another Redis."""
+        if broker_url == self.broker_url:
+            return self
+        redis_url = self.redis_url
+        if not self.redis_url_explicit:
+            if urlsplit(broker_url).scheme not in _REDIS_SCHEMES:
+                raise ConfigurationError(
+                    "METRIX_REDIS_URL is required when the broker is not Redis "
+                    "(dead letters and the delivery ledger live in Redis)"
+                )
+            redis_url = broker_url
+        return replace(self, broker_url=broker_url, redis_url=redis_url)
 
     @property
     def broker_is_redis(self) -> bool:
@@ -206,6 +223,7 @@ class Settings:
         reader = _EnvReader(env)
         broker_url = env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
         redis_url = env.get("METRIX_REDIS_URL") or ""
+        redis_url_explicit = bool(redis_url)
         if not redis_url:
             if urlsplit(broker_url).scheme not in _REDIS_SCHEMES:
                 raise ConfigurationError(
@@ -261,6 +279,7 @@ class Settings:
                 "METRIX_RECONCILE_INTERVAL", cls.reconcile_interval_s
             ),
             pending_max_age_s=reader.float("METRIX_PENDING_MAX_AGE", cls.pending_max_age_s),
+            redis_url_explicit=redis_url_explicit,
         )
         visibility = reader.int("METRIX_VISIBILITY_TIMEOUT", 0)
         if visibility:

@@ -105,3 +105,35 @@ def test_the_producer_falls_back_to_metrix_s2s_own_app(
     # Celery's own made-up fallback app does not count as the process's app either
     _state.get_current_app()
     assert send_metrix_event.app is metrix_s2s.workers.app
+
+
+def test_configure_app_merges_into_a_projects_own_settings(
+    restore_celery_state: None,
+) -> None:
+    from metrix_s2s import settings as settings_module
+    from metrix_s2s.workers import configure_app
+
+    app = Celery("proj", broker="redis://127.0.0.1:4/1", include=["proj.tasks"])
+    app.conf.update(
+        broker_transport_options={"visibility_timeout": 60, "fanout_prefix": True},
+        task_routes={"proj.tasks.*": {"queue": "proj"}},
+        beat_schedule={"proj-cleanup": {"task": "proj.tasks.cleanup", "schedule": 3600}},
+    )
+    try:
+        assert configure_app(app) is app
+        conf = app.conf
+        assert conf.include == ("proj.tasks", "metrix_s2s.tasks")
+        assert conf.broker_url == "redis://127.0.0.1:4/1"
+        assert conf.task_default_queue == "celery"
+        assert conf.broker_transport_options["fanout_prefix"] is True
+        assert conf.broker_transport_options["visibility_timeout"] > 60
+        assert conf.task_routes["proj.tasks.*"] == {"queue": "proj"}
+        assert conf.task_routes[TASK_NAME] == {"queue": QUEUE}
+        assert {"proj-cleanup", "metrix-s2s-redrive", "metrix-s2s-reconcile"} <= set(
+            conf.beat_schedule
+        )
+        assert conf.worker_prefetch_multiplier == 1
+        # metrix-s2s's state follows the project's Redis broker
+        assert settings_module.get_settings().redis_url == "redis://127.0.0.1:4/1"
+    finally:
+        settings_module.configure(None)

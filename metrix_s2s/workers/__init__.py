@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .config import beat_schedule, recommended_settings
+from .config import beat_schedule, configure_app, recommended_settings
 from .factory import create_app
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     app: Celery
 
-__all__ = ["app", "beat_schedule", "create_app", "recommended_settings"]
+__all__ = ["app", "beat_schedule", "configure_app", "create_app", "recommended_settings"]
 
 _lock = threading.Lock()
 _app: Any = None

@@ -97,6 +97,53 @@ def beat_schedule(settings: Settings | None = None) -> dict[str, Any]:
     return schedule
 
 
+def configure_app(app: Any, settings: Settings | None = None) -> Any:
+    """Set up a project's own Celery app (Django, Flask) to run metrix-s2s: one call.
+
+    It includes ``metrix_s2s.tasks``, merges the recommended settings and the beat schedule into
+    the app's own (the project's transport options, routes, annotations and schedule entries are
+    kept; the visibility timeout is raised if the project's is too short for metrix-s2s's retry
+    waits), and points metrix-s2s's state (dead letters, ledger) at the app's broker when that is
+    Redis and ``METRIX_REDIS_URL`` is not set. Returns the app.
+    """
+    from .. import settings as settings_module
+
+    s = (settings or get_settings()).for_broker(app.conf.broker_url or get_settings().broker_url)
+    settings_module.configure(s)
+    ours = recommended_settings(s)
+    conf = app.conf
+    transport = {**ours["broker_transport_options"], **(conf.broker_transport_options or {})}
+    if "visibility_timeout" in ours["broker_transport_options"]:
+        transport["visibility_timeout"] = max(
+            ours["broker_transport_options"]["visibility_timeout"],
+            transport.get("visibility_timeout") or 0,
+        )
+    routes = conf.task_routes
+    if routes is None or isinstance(routes, dict):
+        merged_routes: Any = {**ours["task_routes"], **(routes or {})}
+    else:
+        merged_routes = (ours["task_routes"], *routes)
+    annotations = conf.task_annotations
+    if annotations is None or isinstance(annotations, dict):
+        merged_annotations: Any = {**ours["task_annotations"], **(annotations or {})}
+    else:
+        merged_annotations = (ours["task_annotations"], *annotations)
+    conf.update(
+        {k: v for k, v in ours.items() if k not in _MERGED},
+        broker_transport_options=transport,
+        task_routes=merged_routes,
+        task_annotations=merged_annotations,
+        beat_schedule={**beat_schedule(s), **(conf.beat_schedule or {})},
+    )
+    include = tuple(conf.include or ())
+    if "metrix_s2s.tasks" not in include:
+        conf.include = (*include, "metrix_s2s.tasks")
+    return app
+
+
+_MERGED = frozenset({"broker_transport_options", "task_routes", "task_annotations"})
+
+
 def own_app_settings(settings: Settings | None = None) -> dict[str, Any]:
     """Everything metrix-s2s's own app uses: the recommended settings plus its broker, JSON only,
     no results, and the ``metrix_s2s`` queue as the one it consumes."""
