@@ -23,6 +23,7 @@ import redis
 from celery import Task, _state, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.local import Proxy
+from celery.worker.request import Request
 
 from ..backoff import compute_backoff
 from ..delivery import Action, get_deliverer
@@ -55,8 +56,18 @@ def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
     return positional[0], positional[1]
 
 
+class MaskedRequest(Request):  # type: ignore[misc]
+    """A worker-side request that shows only the masked arguments (``argsrepr``) to
+    ``celery inspect active/reserved/scheduled`` and to Flower's worker pages."""
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return dict(super().info(safe=True))
+
+
 class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
     """The task class: at-least-once settings, and validation before publishing."""
+
+    Request = "metrix_s2s.tasks.send:MaskedRequest"
 
     acks_late = True
     reject_on_worker_lost = True
@@ -74,12 +85,14 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
     ) -> Any:
         if options.get("retries"):
             # A re-publish by self.retry(): the event was validated when first enqueued.
+            options.update(_display(*_unpack(args, kwargs)))
             return super().apply_async(args, kwargs, task_id, *more, **options)
         app_id, event = _unpack(args, kwargs)
         if not isinstance(app_id, str) or not app_id.strip():
             raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
         normalized = validate_event(event)
         event_id = task_id or str(uuid.uuid4())
+        options.update(_display(app_id, normalized))
         try:
             result = super().apply_async((app_id, normalized), None, event_id, *more, **options)
         except _PUBLISH_ERRORS as exc:
@@ -89,6 +102,19 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
             ) from exc
         _mark_pending(event_id, app_id, normalized)
         return result
+
+
+#: Event fields that identify a device or a person's network; masked wherever Celery shows a task's
+#: arguments (Flower, ``celery inspect``, task events, logs). The message itself keeps them.
+MASKED_FIELDS = ("idfa", "advertisingId", "deviceIp")
+MASK = "<masked>"
+
+
+def _display(app_id: Any, event: Any) -> dict[str, str]:
+    """``argsrepr``/``kwargsrepr`` for the message: the arguments with device ids and IPs masked."""
+    if isinstance(event, dict):
+        event = {k: MASK if k in MASKED_FIELDS else v for k, v in event.items()}
+    return {"argsrepr": repr((app_id, event)), "kwargsrepr": "{}"}
 
 
 def _mark_pending(event_id: str, app_id: str, event: dict[str, Any]) -> None:
