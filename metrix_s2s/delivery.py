@@ -23,13 +23,12 @@ from .client import DEFAULT_POOL_SIZE, MetrixClient
 from .deadletter import DeadLetterStore, Reason
 from .errors import InvalidEvent, format_messages
 from .ledger import Claim, ClaimState, Ledger, Limits
+from .logs import log_outcome
 from .outcome import Kind, Outcome
 from .ratelimit import RateLimit
 from .redis_client import get_redis
 from .schema import now_ms, validate_event
 from .settings import AppConfig, Settings, get_settings
-
-logger = logging.getLogger("metrix_s2s.delivery")
 
 #: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
 GUARD_MARGIN_S = 2.0
@@ -110,12 +109,12 @@ class Deliverer:
         token = uuid.uuid4().hex
         claim = self._claim(event_id, token, app)
         if claim.state is ClaimState.DELIVERED:
-            self._log(logging.INFO, "duplicate", app_id, event_id, 0, None, 0.0)
+            log_outcome(logging.INFO, "duplicate", app_id, event_id, 0, None, 0.0)
             return Result(Action.DUPLICATE)
         if claim.state is not ClaimState.OK:
             # Busy elsewhere, paused by a 429, or no rate-limit slot soon: come back later,
             # without spending an attempt.
-            self._log(logging.INFO, f"defer:{claim.state}", app_id, event_id, 0, None, 0.0)
+            log_outcome(logging.INFO, f"defer:{claim.state}", app_id, event_id, 0, None, 0.0)
             return self._defer(claim.wait_ms, lined_up=claim.state is ClaimState.LIMITED)
         if claim.wait_ms:
             time.sleep(claim.wait_ms / 1000)  # our reserved rate-limit slot
@@ -148,7 +147,7 @@ class Deliverer:
 
         if outcome.delivered:
             self.ledger.delivered(event_id, token, app_id, outcome.status, now_ms())
-            self._log(logging.INFO, "delivered", app_id, event_id, attempt, outcome, latency_ms)
+            log_outcome(logging.INFO, "delivered", app_id, event_id, attempt, outcome, latency_ms)
             return Result(Action.DELIVERED, attempt=attempt, outcome=outcome)
 
         if outcome.kind is Kind.RETRYABLE:
@@ -163,7 +162,9 @@ class Deliverer:
             out_of_time = claim.elapsed_s + delay > policy.retry_window_s
             if attempt < policy.max_attempts and not out_of_time:
                 self.ledger.release(event_id, token, app_id, pause_ms=self._pause_ms(outcome))
-                self._log(logging.WARNING, "retry", app_id, event_id, attempt, outcome, latency_ms)
+                log_outcome(
+                    logging.WARNING, "retry", app_id, event_id, attempt, outcome, latency_ms
+                )
                 return Result(Action.RETRY, attempt=attempt, countdown_s=delay, outcome=outcome)
             why = "attempts" if attempt >= policy.max_attempts else "retry window"
             detail = f"{outcome.detail}; gave up after {attempt} attempts ({why} exhausted)"
@@ -272,7 +273,7 @@ class Deliverer:
         self.ledger.release(
             event_id, token, str(app_id), final=True, pause_ms=self._pause_ms(outcome)
         )
-        self._log(
+        log_outcome(
             logging.ERROR,
             f"dead_lettered:{reason}",
             app_id,
@@ -282,32 +283,6 @@ class Deliverer:
             latency_ms,
         )
         return Result(Action.DEAD_LETTERED, attempt=attempts, outcome=outcome, reason=reason)
-
-    @staticmethod
-    def _log(
-        level: int,
-        what: str,
-        app_id: Any,
-        event_id: str,
-        attempt: int,
-        outcome: Outcome | None,
-        latency_ms: float,
-    ) -> None:
-        if not logger.isEnabledFor(level):
-            return
-        status = outcome.status if outcome and outcome.status is not None else "-"
-        detail = f" detail={outcome.detail!r}" if outcome and outcome.detail else ""
-        logger.log(
-            level,
-            "%s app=%s event=%s attempt=%d status=%s latency_ms=%.1f%s",
-            what,
-            app_id,
-            event_id,
-            attempt,
-            status,
-            latency_ms,
-            detail,
-        )
 
 
 _lock = threading.Lock()

@@ -41,6 +41,7 @@ Variables (defaults in parentheses):
 ``METRIX_VISIBILITY_TIMEOUT`` Redis broker: seconds before an unacknowledged message is handed to
                              another worker (longest wait + hard time limit + 30); a smaller value
                              than the longest wait plus the hard time limit is refused
+``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
 ``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
 ===========================  ======================================================================
 """
@@ -148,6 +149,7 @@ class Settings:
     max_redrives: int = 5
     reconcile_interval_s: float = 300.0
     pending_max_age_s: float = 900.0
+    log_format: str = "text"
     #: Whether ``METRIX_REDIS_URL`` was given (otherwise it follows the broker).
     redis_url_explicit: bool = False
 
@@ -280,6 +282,7 @@ class Settings:
             ),
             pending_max_age_s=reader.float("METRIX_PENDING_MAX_AGE", cls.pending_max_age_s),
             redis_url_explicit=redis_url_explicit,
+            log_format=_choice(env, "METRIX_LOG_FORMAT", ("text", "json")),
         )
         visibility = reader.int("METRIX_VISIBILITY_TIMEOUT", 0)
         if visibility:
@@ -291,6 +294,13 @@ class Settings:
                 )
             settings = replace(settings, visibility_timeout_override_s=visibility)
         return settings
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or choices[0]).strip().lower()
+    if value not in choices:
+        raise ConfigurationError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def redact_url(url: str) -> str:

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.signals import worker_init
 
 from ..delivery import set_pool_size
+from ..logs import use_json_logs
 from ..settings import Settings, get_settings
 from .config import own_app_settings
 
@@ -31,7 +32,8 @@ def create_app(settings: Settings | None = None) -> Celery:
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Read (and so validate) the settings before taking any message, and size the HTTP pool.
-    get_settings()
+    if get_settings().log_format == "json":
+        use_json_logs()
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int):
         set_pool_size(concurrency)
