@@ -59,7 +59,7 @@ def make_event(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in event.items() if v is not None}
 
 
-def _unavailable(what: str) -> None:
+def unavailable(what: str) -> None:
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
         pytest.fail(f"{what} is required under CI=true but could not be had", pytrace=False)
     pytest.skip(f"{what} is not available")
@@ -87,7 +87,7 @@ def redis_url() -> Iterator[str]:
     if answers(local):
         yield local
         return
-    _unavailable("Redis")
+    unavailable("Redis")
 
 
 @pytest.fixture
