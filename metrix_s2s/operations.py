@@ -36,7 +36,8 @@ def reconciler(settings: Settings | None = None, broker_url: str | None = None) 
 
     s = settings or get_settings()
     url = broker_url or s.broker_url
-    broker = get_redis(url) if urlsplit(url).scheme in {"redis", "rediss", "unix"} else None
+    redis_schemes = {"redis", "rediss", "unix", "redis+socket"}
+    broker = get_redis(url) if urlsplit(url).scheme in redis_schemes else None
     deliverer = get_deliverer()
     return Reconciler(
         deliverer.ledger,

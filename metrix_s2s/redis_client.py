@@ -28,6 +28,8 @@ def get_redis(url: str) -> redis.Redis:
     thread or greenlet that is talking to Redis at that moment).
     """
     global _pid  # noqa: PLW0603 - per-process cache, reset after fork
+    if url.startswith("redis+socket://"):  # kombu's spelling of a unix socket
+        url = "unix://" + url.removeprefix("redis+socket://")
     if _pid != os.getpid():
         _reset()
         _pid = os.getpid()

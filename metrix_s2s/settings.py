@@ -7,7 +7,9 @@ that is wrong. Dev-keys live only in :class:`AppConfig`, whose ``repr`` redacts 
 Variables (defaults in parentheses):
 
 ===========================  ======================================================================
-``CELERY_BROKER_URL``        broker (``redis://127.0.0.1:6379/0``); Redis or RabbitMQ (``amqp://``)
+``CELERY_BROKER_URL``        broker: Redis or RabbitMQ (``amqp://``); with neither this nor
+                             ``METRIX_REDIS_URL`` set, the embedded Redis (see ``embedded``)
+``METRIX_DATA_DIR``          the embedded Redis's directory (``~/.local/share/metrix-s2s``)
 ``METRIX_REDIS_URL``         Redis for dead letters and the delivery ledger (the broker, when it is
                              Redis; required otherwise)
 ``METRIX_BASE_URL``          Metrix's base URL (``https://analytics.metrix.ir``)
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from .embedded import default_data_dir, embedded_urls
 from .errors import ConfigurationError
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -70,7 +73,7 @@ HARD_LIMIT_GRACE_S = 5.0
 #: Seconds added on top of the longest wait plus the hard limit for the visibility timeout.
 VISIBILITY_MARGIN_S = 30.0
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_UNITS |= {"h": 3600.0, "hour": 3600.0}
@@ -150,6 +153,9 @@ class Settings:
     reconcile_interval_s: float = 300.0
     pending_max_age_s: float = 900.0
     log_format: str = "text"
+    #: Whether metrix-s2s runs on its embedded Redis (no broker configured), and where it lives.
+    embedded: bool = False
+    data_dir: str = ""
     #: Whether ``METRIX_REDIS_URL`` was given (otherwise it follows the broker).
     redis_url_explicit: bool = False
 
@@ -223,9 +229,14 @@ class Settings:
         """Read and validate every variable; raise :class:`ConfigurationError` naming it."""
         env = os.environ if environ is None else environ
         reader = _EnvReader(env)
-        broker_url = env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+        data_dir = env.get("METRIX_DATA_DIR") or default_data_dir(env)
+        broker_url = env.get("CELERY_BROKER_URL") or ""
         redis_url = env.get("METRIX_REDIS_URL") or ""
         redis_url_explicit = bool(redis_url)
+        embedded = not broker_url and not redis_url
+        if embedded:
+            broker_url, redis_url = embedded_urls(data_dir)
+        broker_url = broker_url or redis_url
         if not redis_url:
             if urlsplit(broker_url).scheme not in _REDIS_SCHEMES:
                 raise ConfigurationError(
@@ -282,6 +293,8 @@ class Settings:
             ),
             pending_max_age_s=reader.float("METRIX_PENDING_MAX_AGE", cls.pending_max_age_s),
             redis_url_explicit=redis_url_explicit,
+            embedded=embedded,
+            data_dir=data_dir,
             log_format=_choice(env, "METRIX_LOG_FORMAT", ("text", "json")),
         )
         visibility = reader.int("METRIX_VISIBILITY_TIMEOUT", 0)

@@ -38,10 +38,13 @@ def config_error(environ: dict[str, str]) -> str:
 
 
 def test_an_empty_environment_gives_the_documented_defaults() -> None:
-    settings = Settings.from_env({})
+    settings = Settings.from_env({"HOME": "/home/user"})
 
-    assert settings.broker_url == "redis://127.0.0.1:6379/0"
-    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    # no broker configured: the embedded Redis, on a unix socket in the data directory
+    assert settings.embedded
+    assert settings.data_dir == "/home/user/.local/share/metrix-s2s"
+    assert settings.broker_url == "redis+socket:///home/user/.local/share/metrix-s2s/redis.sock"
+    assert settings.redis_url == "unix:///home/user/.local/share/metrix-s2s/redis.sock"
     assert settings.broker_is_redis
     assert settings.base_url == "https://analytics.metrix.ir"
     assert dict(settings.apps) == {}
@@ -394,7 +397,9 @@ def test_a_zero_http_timeout_is_refused(name: str) -> None:
 @pytest.mark.parametrize(
     ("environ", "redis_url"),
     [
-        pytest.param({}, "redis://127.0.0.1:6379/0", id="default"),
+        pytest.param(
+            {"METRIX_DATA_DIR": "/srv/m"}, "unix:///srv/m/redis.sock", id="embedded-default"
+        ),
         pytest.param(
             {"CELERY_BROKER_URL": "redis://broker:6379/3"}, "redis://broker:6379/3", id="broker"
         ),
@@ -660,3 +665,21 @@ def test_broker_passwords_are_redacted_in_repr(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "s3cret" not in repr(settings)
     assert settings.broker_url == url
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"CELERY_BROKER_URL": "redis://redis:6379/0"},
+        {"METRIX_REDIS_URL": "redis://redis:6379/1"},
+    ],
+)
+def test_any_configured_redis_turns_the_embedded_default_off(environ: dict[str, str]) -> None:
+    settings = Settings.from_env(environ)
+    assert not settings.embedded
+    assert settings.broker_url == next(iter(environ.values()))
+
+
+def test_the_data_directory_follows_xdg_data_home() -> None:
+    settings = Settings.from_env({"XDG_DATA_HOME": "/data"})
+    assert settings.data_dir == "/data/metrix-s2s"

@@ -16,6 +16,7 @@ import redis
 from .. import __version__
 from ..deadletter import DeadLetterStore
 from ..delivery import get_deliverer
+from ..embedded import ensure_embedded
 from ..errors import ConfigurationError, EnqueueError, InvalidEvent
 from ..settings import Settings, configure, redact_url
 
@@ -153,6 +154,8 @@ class State:
     def require(self) -> Settings:
         if self.settings is None:
             raise self.error or ConfigurationError("the settings could not be read")
+        if self.settings.embedded:
+            ensure_embedded(self.settings.data_dir)
         return self.settings
 
 

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.signals import worker_init
 
 from ..delivery import set_pool_size
+from ..embedded import ensure_embedded
 from ..logs import use_json_logs
 from ..settings import Settings, get_settings
 from .config import own_app_settings
@@ -21,6 +22,8 @@ from .config import own_app_settings
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for metrix-s2s with the recommended settings for ``settings``."""
     s = settings or get_settings()
+    if s.embedded:
+        ensure_embedded(s.data_dir)
     app = Celery("metrix_s2s", set_as_current=False, include=["metrix_s2s.tasks"])
     app.conf.update(own_app_settings(s))
     result_backend = os.environ.get("CELERY_RESULT_BACKEND")
