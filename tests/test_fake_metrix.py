@@ -1,4 +1,4 @@
-"""Tests of scripts/fake_metrix.py: a real server on 127.0.0.1, driven with requests."""
+"""Tests of the fake Metrix server (metrix_s2s/fakeserver.py, run as scripts/fake_metrix.py)."""
 
 from __future__ import annotations
 
