@@ -183,7 +183,7 @@ class Settings:
                     "(dead letters and the delivery ledger live in Redis)"
                 )
             redis_url = broker_url
-        return replace(self, broker_url=broker_url, redis_url=redis_url)
+        return replace(self, broker_url=broker_url, redis_url=redis_url, embedded=False)
 
     @property
     def broker_is_redis(self) -> bool:

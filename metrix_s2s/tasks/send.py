@@ -75,6 +75,16 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
     serializer = "json"
     max_retries = None  # the retry budget is ours (attempts, retry window), not Celery's
 
+    def delay_on_commit(self, app_id: Any, event: Any, *, using: str | None = None) -> None:
+        """Django: validate now (raising :class:`InvalidEvent` in the view), enqueue when the
+        current database transaction commits, and never if it rolls back."""
+        if not isinstance(app_id, str) or not app_id.strip():
+            raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+        normalized = validate_event(event)
+        from django.db import transaction
+
+        transaction.on_commit(lambda: self.delay(app_id, normalized), using=using)
+
     def apply_async(
         self,
         args: Any = None,

@@ -1,0 +1,82 @@
+"""Send requests to the Django project in this process, the way a web server would, and print the
+answers as one line of JSON.
+
+stdin: a JSON list of ``{"view": "purchase" | "purchase/rolled-back" | ..., "event": {...},
+"via": "client" | "server"}``. ``client`` goes through ``django.test.Client`` (in this thread);
+``server`` through a real threaded WSGI server over HTTP (each request in a thread of its own).
+stdout: ``{"responses": [{"status", "body", "error"}...], "orders": [user ids in the database]}``.
+"""
+
+import json
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+from typing import Any
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djangoproj.settings")
+
+
+def main() -> int:
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
+    from django.core.wsgi import get_wsgi_application
+    from django.test import Client
+    from shop.models import Order
+
+    call_command("migrate", run_syncdb=True, verbosity=0)
+    requests = json.load(sys.stdin)
+    client = Client(raise_request_exception=False)
+    server: ThreadedWSGIServer | None = None
+    responses: list[dict[str, Any]] = []
+    try:
+        for request in requests:
+            path = "/" + request["view"]
+            data = json.dumps(request["event"])
+            if request.get("via", "client") == "client":
+                response = client.post(path, data, content_type="application/json")
+                exc_info = getattr(response, "exc_info", None)
+                responses.append(
+                    {
+                        "status": response.status_code,
+                        "body": _json(response.content),
+                        "error": repr(exc_info[1]) if exc_info else None,
+                    }
+                )
+                continue
+            if server is None:
+                server = ThreadedWSGIServer(("127.0.0.1", 0), WSGIRequestHandler)
+                server.set_app(get_wsgi_application())
+                threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+            post = urllib.request.Request(
+                url, data.encode(), {"Content-Type": "application/json"}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(post, timeout=30) as answer:
+                    status, content = answer.status, answer.read()
+            except urllib.error.HTTPError as exc:
+                status, content = exc.code, exc.read()
+            responses.append({"status": status, "body": _json(content), "error": None})
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    orders = list(Order.objects.order_by("pk").values_list("user_id", flat=True))
+    print(json.dumps({"responses": responses, "orders": orders}))
+    return 0
+
+
+def _json(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content.decode(errors="replace")[:2000]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("purchase", views.purchase),
+    path("purchase/rolled-back", views.purchase_rolled_back),
+    path("purchase/delay-on-commit", views.purchase_delay_on_commit),
+]

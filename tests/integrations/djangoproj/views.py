@@ -1,0 +1,58 @@
+"""Views that record a purchase and report it to Metrix once the database has committed it.
+
+The request body is the Metrix event of the purchase. Each answer also says which Celery app
+``send_metrix_event`` resolves to in the thread that served the request, for the tests.
+"""
+
+import json
+import threading
+
+from django.conf import settings
+from django.db import transaction
+from django.http import HttpRequest, JsonResponse
+from shop.models import Order
+
+from metrix_s2s import send_metrix_event
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+def _answer(order: Order | None, status: int = 200) -> JsonResponse:
+    return JsonResponse(
+        {
+            "order": order.pk if order else None,
+            "producer_app": send_metrix_event.app.main,
+            "in_main_thread": threading.current_thread() is threading.main_thread(),
+        },
+        status=status,
+    )
+
+
+def purchase(request: HttpRequest) -> JsonResponse:
+    event = json.loads(request.body)
+    with transaction.atomic():
+        order = Order.objects.create(user_id=event["metrixUserId"])
+        transaction.on_commit(lambda: send_metrix_event.delay(settings.METRIX_APP_ID, event))
+    return _answer(order)
+
+
+def purchase_rolled_back(request: HttpRequest) -> JsonResponse:
+    event = json.loads(request.body)
+    try:
+        with transaction.atomic():
+            Order.objects.create(user_id=event["metrixUserId"])
+            transaction.on_commit(lambda: send_metrix_event.delay(settings.METRIX_APP_ID, event))
+            raise PaymentDeclined
+    except PaymentDeclined:
+        return _answer(None, status=409)
+
+
+def purchase_delay_on_commit(request: HttpRequest) -> JsonResponse:
+    event = json.loads(request.body)
+    with transaction.atomic():
+        order = Order.objects.create(user_id=event["metrixUserId"])
+        # validates now, enqueues on commit: the short form of transaction.on_commit(...)
+        send_metrix_event.delay_on_commit(settings.METRIX_APP_ID, event)
+    return _answer(order)

@@ -1,0 +1,257 @@
+"""Django: a real project (``tests/integrations/djangoproj``) whose own Celery app runs metrix-s2s.
+
+Its ``celery.py`` is Celery's canonical Django module plus ``configure_app(app)``; its views write a
+row and enqueue the event with ``transaction.on_commit``. The web side runs in a subprocess
+(``tests/integrations/django_client.py``), so that Django and its Celery app never become this
+process's current or default app; the worker is a real ``celery -A djangoproj worker``; delivery
+goes to the fake Metrix server.
+
+Neither process has ``CELERY_BROKER_URL`` or ``METRIX_REDIS_URL``: the broker is named only in the
+Django settings (``DJANGOPROJ_BROKER_URL``), so the message and the pending record in the test
+Redis show that Celery and metrix-s2s both took it from there. The view reports the app
+``send_metrix_event`` resolved to in the thread that served the request, and the worker's banner
+names the app it runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import APP_ID, DEV_KEY, Worker, _launch, make_event, wait_until, worker_env
+from fake_metrix import FakeMetrix
+
+from metrix_s2s.tasks import QUEUE, TASK_NAME
+
+pytestmark = pytest.mark.slow
+
+INTEGRATIONS = Path(__file__).resolve().parent / "integrations"
+#: A fixed eventTime (milliseconds), so that the body Metrix receives is exactly the event sent.
+EVENT_TIME = 1_700_000_000_123
+
+
+@dataclass
+class Project:
+    """The environment of the Django project's web process and of its worker."""
+
+    web_env: dict[str, str]
+    worker_env: dict[str, str]
+    #: ``METRIX_DATA_DIR``: where metrix-s2s would start its embedded Redis (it must not, here)
+    data_dir: Path
+
+    def embedded_redis_started(self) -> bool:
+        return (self.data_dir / "redis.sock").exists()
+
+    def stop_embedded_redis(self) -> None:
+        """Stop an embedded Redis a process of this test started, by the PID it wrote."""
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((self.data_dir / "redis.pid").read_text()), signal.SIGTERM)
+
+
+@pytest.fixture
+def project(
+    redis_url: str, redis_client: redis.Redis, fake_metrix: FakeMetrix, tmp_path: Path
+) -> Iterator[Project]:
+    pythonpath = os.pathsep.join(filter(None, [str(INTEGRATIONS), os.environ.get("PYTHONPATH")]))
+    ours = {
+        "DJANGO_SETTINGS_MODULE": "djangoproj.settings",
+        "DJANGOPROJ_DB_PATH": str(tmp_path / "shop.sqlite3"),
+        "DJANGOPROJ_BROKER_URL": redis_url,
+        "DJANGOPROJ_METRIX_APP_ID": APP_ID,
+        "PYTHONPATH": pythonpath,
+        "PYTHONUNBUFFERED": "1",
+        # where metrix-s2s would start its embedded Redis: never in the home directory
+        "METRIX_DATA_DIR": str(tmp_path / "metrix-data"),
+    }
+    # The web process knows no dev-key and names no broker outside the Django settings.
+    web = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "METRIX_"))}
+    web.update(ours)
+    worker = worker_env(redis_url, fake_metrix.url, **ours)
+    del worker["CELERY_BROKER_URL"]
+    project = Project(web, worker, tmp_path / "metrix-data")
+    yield project
+    project.stop_embedded_redis()
+
+
+@pytest.fixture
+def start_project_worker(project: Project, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    """Start a real worker of the Django project's Celery app; stopped (by PID) after the test."""
+    started: list[Worker] = []
+
+    def start() -> Worker:
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "djangoproj", "worker",
+            "-P", "threads", "-c", "4", "-Q", f"celery,{QUEUE}", "-l", "INFO",
+            "--without-mingle", "--without-gossip", "-n", f"django-{os.getpid()}@%h",
+        ]  # fmt: skip
+        worker = _launch(cmd, project.worker_env, tmp_path / "django-worker.log", "ready.")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def run_web(project: Project, *requests: dict[str, Any]) -> dict[str, Any]:
+    """Serve ``requests`` in the Django project's own process; its answers and the orders table."""
+    proc = subprocess.run(
+        [sys.executable, str(INTEGRATIONS / "django_client.py")],
+        input=json.dumps(list(requests)),
+        env=project.web_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def queued(client: redis.Redis, queue: str = QUEUE) -> list[dict[str, Any]]:
+    """The messages waiting in ``queue`` (kombu's Redis transport), oldest first."""
+    return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
+
+
+def task_args(message: dict[str, Any]) -> list[Any]:
+    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return list(args)
+
+
+def pending(client: redis.Redis) -> dict[str, list[Any]]:
+    """metrix-s2s's pending records: event id -> [app id, event]."""
+    return {k.decode(): json.loads(v) for k, v in client.hgetall("metrix:pending:msg").items()}
+
+
+def purchase(user: str, view: str = "purchase", via: str = "client") -> dict[str, Any]:
+    return {"view": view, "via": via, "event": make_event(metrixUserId=user, eventTime=EVENT_TIME)}
+
+
+def assert_delivered_once(fake: FakeMetrix, event: dict[str, Any]) -> None:
+    assert fake.wait_for(1, timeout=15), f"not delivered: {fake.stats()}"
+    (received,) = fake.requests
+    assert received.status == 200
+    assert received.app_id == APP_ID
+    assert received.body == event
+    assert received.headers["Authorization"] == DEV_KEY
+
+
+def test_a_committed_purchase_is_published_through_the_projects_app_and_delivered(
+    project: Project,
+    start_project_worker: Callable[[], Worker],
+    fake_metrix: FakeMetrix,
+    redis_client: redis.Redis,
+) -> None:
+    # Given a purchase view that enqueues with transaction.on_commit, When it commits
+    request = purchase("buyer-1")
+    out = run_web(project, request)
+    (answer,) = out["responses"]
+    assert answer["status"] == 200, answer
+    assert out["orders"] == ["buyer-1"]
+    # Then send_metrix_event resolved to the project's app, which published to the broker named in
+    # the Django settings, routed to metrix-s2s's queue
+    assert answer["body"]["producer_app"] == "djangoproj"
+    (message,) = queued(redis_client)
+    event_id = message["headers"]["id"]
+    assert message["headers"]["task"] == TASK_NAME
+    assert task_args(message) == [APP_ID, request["event"]]
+    assert redis_client.llen("celery") == 0
+    # And metrix-s2s recorded it as pending in that same Redis (its state follows the broker)
+    assert redis_client.zrange("metrix:pending", 0, -1) == [event_id.encode()]
+    assert pending(redis_client) == {event_id: [APP_ID, request["event"]]}
+
+    # When a worker of the project's app runs
+    worker = start_project_worker()
+    # Then it delivers the event, with the exact body and the dev-key
+    assert_delivered_once(fake_metrix, request["event"])
+    log = worker.log()
+    assert ".> app:         djangoproj:" in log
+    assert f"Task {TASK_NAME}[{event_id}] received" in log
+    # And the worker's ledger, in the broker's Redis too, remembers it and forgets it as pending
+    assert wait_until(lambda: redis_client.exists(f"metrix:delivered:{event_id}") == 1)
+    assert wait_until(lambda: redis_client.zcard("metrix:pending") == 0)
+    # And neither process started metrix-s2s's embedded Redis: the app's broker is the one Redis
+    assert not project.embedded_redis_started()
+
+
+def test_a_rolled_back_purchase_is_never_published(
+    project: Project,
+    start_project_worker: Callable[[], Worker],
+    fake_metrix: FakeMetrix,
+    redis_client: redis.Redis,
+) -> None:
+    # Given a purchase whose transaction rolls back after its on_commit enqueue was registered,
+    # then one that commits
+    declined = purchase("declined-buyer", view="purchase/rolled-back")
+    paid = purchase("paying-buyer")
+    # When both are served
+    out = run_web(project, declined, paid)
+    assert [r["status"] for r in out["responses"]] == [409, 200], out["responses"]
+    assert out["orders"] == ["paying-buyer"]  # the declined row was rolled back
+    # Then only the committed one reached the broker and metrix-s2s's pending records
+    assert [task_args(m)[1]["metrixUserId"] for m in queued(redis_client)] == ["paying-buyer"]
+    assert [e["metrixUserId"] for _, e in pending(redis_client).values()] == ["paying-buyer"]
+
+    # When a worker runs
+    worker = start_project_worker()
+    # Then Metrix sees the committed purchase, and nothing else arrives within a bounded wait
+    # (the declined one, had it been published, was ahead of it in the queue)
+    assert_delivered_once(fake_metrix, paid["event"])
+    assert not fake_metrix.wait_for(2, timeout=1.5)
+    assert [r.body["metrixUserId"] for r in fake_metrix.requests] == ["paying-buyer"]
+    assert worker.log().count(f"Task {TASK_NAME}[") == 2  # received, succeeded: one task
+    assert worker.log().count("] received") == 1
+    assert wait_until(lambda: redis_client.zcard("metrix:pending") == 0)
+    assert redis_client.hlen("metrix:pending:msg") == 0
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_a_request_served_in_a_threaded_wsgi_server_publishes_through_the_projects_app(
+    project: Project,
+    start_project_worker: Callable[[], Worker],
+    fake_metrix: FakeMetrix,
+    redis_client: redis.Redis,
+) -> None:
+    # Given a real threaded WSGI server (as runserver, gunicorn --threads or uWSGI threads), where
+    # each request runs in a thread that never made a Celery app current
+    request = purchase("buyer-over-http", via="server")
+    # When a purchase is posted to it over HTTP
+    (answer,) = run_web(project, request)["responses"]
+    # Then send_metrix_event still resolves to the project's app in that thread
+    assert answer["status"] == 200, answer
+    assert answer["body"]["in_main_thread"] is False
+    assert answer["body"]["producer_app"] == "djangoproj"
+    (message,) = queued(redis_client)
+    # And a worker of the project's app delivers it
+    worker = start_project_worker()
+    assert_delivered_once(fake_metrix, request["event"])
+    assert f"Task {TASK_NAME}[{message['headers']['id']}] received" in worker.log()
+
+
+def test_delay_on_commit_is_the_short_form_of_on_commit(
+    project: Project,
+    start_project_worker: Callable[[], Worker],
+    fake_metrix: FakeMetrix,
+    redis_client: redis.Redis,
+) -> None:
+    # Given a view that calls send_metrix_event.delay_on_commit(...) inside its transaction
+    request = purchase("buyer-on-commit", view="purchase/delay-on-commit")
+    # When it commits
+    (answer,) = run_web(project, request)["responses"]
+    # Then it answers, the event is published once, and a worker delivers it
+    assert answer["status"] == 200, answer["error"]
+    assert len(queued(redis_client)) == 1
+    start_project_worker()
+    assert_delivered_once(fake_metrix, request["event"])
