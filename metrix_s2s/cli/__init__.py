@@ -7,6 +7,7 @@
     metrix-s2s validate FILE|-                     check events without enqueueing them
     metrix-s2s worker | beat                       run Celery with metrix-s2s's own app
     metrix-s2s embedded status|stop                the embedded Redis (no broker configured)
+    metrix-s2s demo                                see it work, with nothing else installed
 
 Every invocation reads the environment once (the same variables as the workers) and installs those
 settings for the process. Every failure is one line on stderr starting with ``error: ``, never a
@@ -20,6 +21,7 @@ each subcommand in its own module.
 from __future__ import annotations
 
 from .app import cli, main
+from .demo import demo
 from .dlq import dlq
 from .embedded import embedded
 from .events import read_events, send, validate
@@ -31,5 +33,6 @@ cli.add_command(validate)
 cli.add_command(worker)
 cli.add_command(beat)
 cli.add_command(embedded)
+cli.add_command(demo)
 
 __all__ = ["cli", "main", "read_events"]
