@@ -131,11 +131,18 @@ def _watch(metrix: FakeMetrix, dlq: DeadLetterStore, sent: int, echo: Echo) -> s
             f"\r   delivered {delivered:3d}   503s retried {retried:3d}   "
             f"dead-lettered now {parked:2d}   re-driven {len(exhausted):2d}"
         )
-        if delivered >= sent and dlq.count(reason=Reason.EXHAUSTED) == 0 and parked >= 4:
+        if delivered >= sent and parked >= 4 and _settled(dlq):
             break
         time.sleep(0.3)
     echo("\n\n")
     return exhausted
+
+
+def _settled(dlq: DeadLetterStore) -> bool:
+    """Only the stale-key app's events wait in the store, besides the rejected one (the periodic
+    re-drive holds that app back: its latest failure is a configuration problem)."""
+    waiting = dlq.list(limit=100)
+    return all(d.app_id == STALE_APP or d.reason is Reason.REJECTED for d in waiting)
 
 
 def _summary(
@@ -152,7 +159,15 @@ def _summary(
     for reason in stats["by_reason"]:
         letter = dlq.list(reason=reason, limit=1)[0]
         say(f"   e.g. [{reason}] {letter.detail}")
-    return delivered == distinct == sent and stats["by_reason"] == {"config": 3, "rejected": 1}
+    say(f"   ({STALE_APP}'s events stay until its dev-key is fixed: the periodic re-drive holds")
+    say("    back an app whose latest failure is a configuration problem)")
+    parked = dlq.list(limit=100)
+    return (
+        delivered == distinct == sent
+        and len(parked) == 4
+        and sum(d.reason is Reason.REJECTED for d in parked) == 1
+        and _settled(dlq)
+    )
 
 
 def run(events: int = 60, echo: Echo | None = None, redis_url: str | None = None) -> bool:
