@@ -122,6 +122,20 @@ return 0
 """
 
 
+# KEYS: pending, pending msgs.  ARGV: prefix, now ms, then event id / message pairs.
+_MARK_PENDING = """
+local p = ARGV[1]
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('EXISTS', p .. ':delivered:' .. id) == 0
+     and redis.call('EXISTS', p .. ':dlq:entry:' .. id) == 0 then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    redis.call('HSET', KEYS[2], id, ARGV[i + 1])
+  end
+end
+"""
+
+
 class ClaimState(enum.StrEnum):
     OK = "ok"  # this attempt may send (after ``wait_ms``, its rate-limit slot)
     DELIVERED = "delivered"  # already delivered: do nothing
@@ -167,6 +181,7 @@ class Ledger:
         self._guard_ttl_ms = max(1000, int(guard_ttl_s * 1000))
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
+        self._mark_pending = client.register_script(_MARK_PENDING)
 
     def key(self, kind: str, name: str = "") -> str:
         return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
@@ -249,14 +264,12 @@ class Ledger:
         return bool(self._redis.exists(self.key("delivered", event_id)))
 
     def mark_pending(self, entries: Mapping[str, tuple[str, Any]], now_ms: int) -> None:
-        """Record freshly enqueued events as pending (one round trip for any number)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(self.key("pending"), {event_id: now_ms for event_id in entries})
-        pipe.hset(
-            self.key("pending", "msg"),
-            mapping={
-                event_id: json.dumps([app_id, event], separators=(",", ":"))
-                for event_id, (app_id, event) in entries.items()
-            },
-        )
-        pipe.execute()
+        """Record freshly enqueued events as pending (one round trip for any number).
+
+        The record is written after the broker took the message, so a fast worker may already
+        have delivered or dead-lettered the event: such an event is not recorded.
+        """
+        args: list[str | int] = [self.prefix, now_ms]
+        for event_id, (app_id, event) in entries.items():
+            args += [event_id, json.dumps([app_id, event], separators=(",", ":"))]
+        self._mark_pending(keys=[self.key("pending"), self.key("pending", "msg")], args=args)

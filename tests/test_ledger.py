@@ -145,3 +145,15 @@ def test_unclaiming_gives_back_the_attempt_and_the_guard(
     assert ledger.pause_left_ms("A") == 0
     ledger.release("e1", "tok-b", "A", pause_ms=3000)
     assert 2000 < ledger.pause_left_ms("A") <= 3000
+
+
+def test_a_pending_record_written_late_is_not_kept_for_a_finished_event(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    # the producer writes the record after publishing; a fast worker may have finished already
+    ledger.claim("done", "tok", "A", FAST)
+    ledger.delivered("done", "tok", "A", 200, 1)
+    redis_client.hset("t:dlq:entry:parked", "reason", "rejected")
+    ledger.mark_pending({"done": ("A", {}), "parked": ("A", {}), "new": ("A", {})}, now_ms=5)
+    assert redis_client.zrange("t:pending", 0, -1) == [b"new"]
+    assert redis_client.hkeys("t:pending:msg") == [b"new"]
