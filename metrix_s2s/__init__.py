@@ -8,11 +8,12 @@ send_metrix_event.delay("APP_ID", {"metrixUserId": ..., "eventSlug": ..., ...})
 from .errors import ConfigurationError, EnqueueError, InvalidEvent, MetrixS2SError
 from .schema import validate_event
 from .settings import Settings, get_settings
-from .tasks import send_metrix_event
+from .tasks import send_metrix_event, send_metrix_events
 
 __all__ = [
     # Producing events
     "send_metrix_event",
+    "send_metrix_events",
     "validate_event",
     # Errors
     "ConfigurationError",

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from .backoff import retry_delay
 from .client import DEFAULT_POOL_SIZE, MetrixClient
@@ -29,6 +33,8 @@ from .ratelimit import RateLimit
 from .redis_client import get_redis
 from .schema import now_ms, validate_event
 from .settings import AppConfig, Settings, get_settings
+
+logger = logging.getLogger("metrix_s2s.delivery")
 
 #: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
 GUARD_MARGIN_S = 2.0
@@ -83,10 +89,13 @@ class Deliverer:
             settings.base_url,
             connect_timeout_s=settings.connect_timeout_s,
             read_timeout_s=settings.read_timeout_s,
-            pool_size=pool_size,
+            # every bulk thread of every task running at once may hold a connection
+            pool_size=min(1000, pool_size * max(1, settings.bulk_concurrency)),
         )
         self._rand = rand
         self._limits: dict[str, Limits] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._max_wait_ms = int(settings.rate_max_wait_s * 1000)
         # A deferral's countdown stays within what the visibility timeout was sized for.
         self._max_defer_s = settings.retry.longest_wait_s
@@ -236,6 +245,40 @@ class Deliverer:
         if wanted is None:
             wanted = self.settings.pause_default_s
         return int(min(wanted, policy.retry_after_max_s) * 1000)
+
+    def deliver_many(
+        self, app_id: Any, items: list[tuple[str, Any]]
+    ) -> list[tuple[str, Any, Result | None]]:
+        """:meth:`deliver` for many events at once, concurrently (``METRIX_BULK_CONCURRENCY``).
+
+        Each outcome is ``(event_id, event, result)``; ``result`` is ``None`` when Redis could not
+        be reached for that event (nothing was decided: try it again later).
+        """
+
+        def one(item: tuple[str, Any]) -> tuple[str, Any, Result | None]:
+            event_id, event = item
+            try:
+                return event_id, event, self.deliver(app_id, event, event_id)
+            except redis.RedisError:
+                return event_id, event, None
+            except Exception as exc:
+                logger.exception("event %s: unexpected error while delivering", event_id)
+                try:
+                    return event_id, event, self.dead_letter_error(app_id, event, event_id, exc)
+                except redis.RedisError:
+                    return event_id, event, None
+
+        if len(items) == 1:
+            return [one(items[0])]
+        return list(self._executor().map(one, items))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.settings.bulk_concurrency, thread_name_prefix="metrix-bulk"
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def dead_letter_error(
         self, app_id: Any, event: Any, event_id: str, exc: BaseException

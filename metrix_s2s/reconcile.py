@@ -46,6 +46,8 @@ UNACKED_KEY = "unacked"
 #: Separator kombu puts between a queue's name and its priority (for priorities other than 0).
 _PRIORITY_SEP = "\x06\x16"
 _TASK_ID = re.compile(rb'"id": "([^"]+)"')
+#: A batch of ``send_metrix_events`` lists its event ids in this header.
+_BATCH_IDS = re.compile(rb'"metrix_event_ids": \[([^\]]*)\]')
 LOCK_TTL_S = 300.0
 
 Enqueue = Callable[[str, str, Any], None]  # (event_id, app_id, event)
@@ -84,11 +86,15 @@ def broker_task_ids(
     found: set[str] = set()
 
     def collect(raw: bytes | str) -> None:
-        match = _TASK_ID.search(raw if isinstance(raw, bytes) else raw.encode())
+        data = raw if isinstance(raw, bytes) else raw.encode()
+        ids: list[str] = []
+        match = _TASK_ID.search(data)
         if match:
-            task_id = match.group(1).decode()
-            if only is None or task_id in only:
-                found.add(task_id)
+            ids.append(match.group(1).decode())
+        batch = _BATCH_IDS.search(data)
+        if batch:
+            ids += json.loads(b"[" + batch.group(1) + b"]")
+        found.update(i for i in ids if only is None or i in only)
 
     for queue in queues:
         for name in (queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))):

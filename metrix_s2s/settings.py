@@ -43,6 +43,8 @@ Variables (defaults in parentheses):
 ``METRIX_VISIBILITY_TIMEOUT`` Redis broker: seconds before an unacknowledged message is handed to
                              another worker (longest wait + hard time limit + 30); a smaller value
                              than the longest wait plus the hard time limit is refused
+``METRIX_BULK_MAX``          most events in one ``send_metrix_events`` message (500)
+``METRIX_BULK_CONCURRENCY``  events of one batch delivered at once by a worker (16)
 ``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
 ``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
 ===========================  ======================================================================
@@ -153,6 +155,8 @@ class Settings:
     reconcile_interval_s: float = 300.0
     pending_max_age_s: float = 900.0
     log_format: str = "text"
+    bulk_max: int = 500
+    bulk_concurrency: int = 16
     #: Whether metrix-s2s runs on its embedded Redis (no broker configured), and where it lives.
     embedded: bool = False
     data_dir: str = ""
@@ -296,6 +300,8 @@ class Settings:
             embedded=embedded,
             data_dir=data_dir,
             log_format=_choice(env, "METRIX_LOG_FORMAT", ("text", "json")),
+            bulk_max=reader.int("METRIX_BULK_MAX", cls.bulk_max, minimum=1),
+            bulk_concurrency=reader.int("METRIX_BULK_CONCURRENCY", cls.bulk_concurrency, minimum=1),
         )
         visibility = reader.int("METRIX_VISIBILITY_TIMEOUT", 0)
         if visibility:

@@ -18,6 +18,7 @@ def test_the_public_names_import() -> None:
         Settings,
         get_settings,
         send_metrix_event,
+        send_metrix_events,
         validate_event,
     )
 
@@ -30,6 +31,7 @@ def test_the_public_names_import() -> None:
             "Settings",
             "get_settings",
             "send_metrix_event",
+            "send_metrix_events",
             "validate_event",
         ]
     )

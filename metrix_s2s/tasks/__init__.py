@@ -4,16 +4,20 @@ Include this module in a Celery app (``include=["metrix_s2s.tasks"]`` or autodis
 workers to run metrix-s2s's tasks.
 """
 
+from .bulk import BULK_TASK_NAME, SendEventsTask, send_metrix_events
 from .maintenance import RECONCILE_TASK, REDRIVE_TASK, reconcile_pending, redrive_dead_letters
 from .send import QUEUE, TASK_NAME, SendEventTask, send_metrix_event
 
 __all__ = [
+    "BULK_TASK_NAME",
     "QUEUE",
     "RECONCILE_TASK",
     "REDRIVE_TASK",
     "TASK_NAME",
     "SendEventTask",
+    "SendEventsTask",
     "reconcile_pending",
     "redrive_dead_letters",
     "send_metrix_event",
+    "send_metrix_events",
 ]

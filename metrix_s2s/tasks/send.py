@@ -40,7 +40,7 @@ QUEUE = "metrix_s2s"
 INFRA_BACKOFF_BASE_S = 2.0
 INFRA_BACKOFF_MAX_S = 60.0
 
-_PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.ConnectionError, OSError)
+PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.ConnectionError, OSError)
 
 
 def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
@@ -105,12 +105,12 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         options.update(_display(app_id, normalized))
         try:
             result = super().apply_async((app_id, normalized), None, event_id, *more, **options)
-        except _PUBLISH_ERRORS as exc:
+        except PUBLISH_ERRORS as exc:
             raise EnqueueError(
                 f"could not enqueue event {event_id} for app {app_id!r}: the broker is "
                 f"unreachable ({type(exc).__name__}: {exc})"
             ) from exc
-        _mark_pending(event_id, app_id, normalized)
+        mark_pending({event_id: (app_id, normalized)})
         return result
 
 
@@ -120,24 +120,30 @@ MASKED_FIELDS = ("idfa", "advertisingId", "deviceIp")
 MASK = "<masked>"
 
 
+def masked(event: Any) -> Any:
+    """The event with device ids and IPs masked, for display."""
+    if isinstance(event, dict):
+        return {k: MASK if k in MASKED_FIELDS else v for k, v in event.items()}
+    return event
+
+
 def _display(app_id: Any, event: Any) -> dict[str, str]:
     """``argsrepr``/``kwargsrepr`` for the message: the arguments with device ids and IPs masked."""
-    if isinstance(event, dict):
-        event = {k: MASK if k in MASKED_FIELDS else v for k, v in event.items()}
-    return {"argsrepr": repr((app_id, event)), "kwargsrepr": "{}"}
+    return {"argsrepr": repr((app_id, masked(event))), "kwargsrepr": "{}"}
 
 
-def _mark_pending(event_id: str, app_id: str, event: dict[str, Any]) -> None:
-    """Record a published event as pending, so that the reconciler can tell if the broker loses it.
+def mark_pending(entries: Mapping[str, tuple[str, Any]]) -> None:
+    """Record published events as pending, so that the reconciler can tell if the broker loses one.
 
     Written only after the broker took the message: an event whose ``.delay()`` failed is never
     delivered behind the producer's back. If Redis cannot take the record, the event is still
     queued; it only loses the reconciler's protection, so this warns instead of failing.
     """
     try:
-        get_deliverer().ledger.mark_pending({event_id: (app_id, event)}, now_ms())
+        get_deliverer().ledger.mark_pending(entries, now_ms())
     except redis.RedisError as exc:
-        logger.warning("event %s: queued, but not recorded as pending (%s)", event_id, exc)
+        ids = ", ".join(list(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        logger.warning("events %s: queued, but not recorded as pending (%s)", ids, exc)
 
 
 @shared_task(bind=True, base=SendEventTask, name=TASK_NAME)

@@ -12,6 +12,7 @@ from typing import Any
 from kombu.entity import Queue
 
 from ..settings import Settings, get_settings
+from ..tasks.bulk import BULK_TASK_NAME
 from ..tasks.maintenance import RECONCILE_TASK, REDRIVE_TASK
 from ..tasks.send import QUEUE, TASK_NAME
 
@@ -22,6 +23,10 @@ MAINTENANCE_TASKS = (REDRIVE_TASK, RECONCILE_TASK)
 BROKER_MAX_CONNECTIONS = 200
 #: Seconds a producer waits for the broker before ``.delay()`` fails.
 BROKER_CONNECT_TIMEOUT_S = 3.0
+
+
+def _rounds(s: Settings) -> int:
+    return -(-s.bulk_max // s.bulk_concurrency)
 
 
 def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
@@ -67,12 +72,19 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_routes": {name: {"queue": QUEUE} for name in (TASK_NAME, *MAINTENANCE_TASKS)},
+        "task_routes": {
+            name: {"queue": QUEUE} for name in (TASK_NAME, BULK_TASK_NAME, *MAINTENANCE_TASKS)
+        },
         "task_annotations": {
             TASK_NAME: {
                 "soft_time_limit": s.soft_time_limit_s,
                 "time_limit": s.time_limit_s,
-            }
+            },
+            # a batch runs its events METRIX_BULK_CONCURRENCY at a time
+            BULK_TASK_NAME: {
+                "soft_time_limit": s.soft_time_limit_s * _rounds(s),
+                "time_limit": s.soft_time_limit_s * _rounds(s) + s.time_limit_s,
+            },
         },
     }
 

@@ -1,0 +1,136 @@
+"""``send_metrix_events``: many events of one app in one task, delivered concurrently.
+
+For producers with many events at once (backfills, cron jobs): one Celery message carries up to
+``METRIX_BULK_MAX`` events, so Celery's own cost (about a millisecond of CPU per task) is paid
+once per batch, and the worker delivers them concurrently over its pooled connections. Each event
+keeps its own event id, ledger entry, attempt budget and dead letter: a delivered one is
+recorded, a retryable one goes back in a smaller batch with the others that need another try, a
+dead one is dead-lettered on its own. The event ids travel in a message header too, so the
+reconciler sees that they are queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, cast
+
+from celery import shared_task
+from celery.local import Proxy
+
+from ..delivery import Action, get_deliverer
+from ..errors import EnqueueError, InvalidEvent
+from ..schema import validate_event
+from .send import PUBLISH_ERRORS, SendEventTask, _producer_app, mark_pending, masked
+
+logger = logging.getLogger("metrix_s2s.tasks")
+
+BULK_TASK_NAME = "metrix_s2s.send_events"
+#: The message header listing a batch's event ids (read by the reconciler).
+EVENT_IDS_HEADER = "metrix_event_ids"
+
+
+def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    params = dict(kwargs or {})
+    positional = list(args or ())
+    for name in ("app_id", "events")[len(positional) :]:
+        if name not in params:
+            raise TypeError(f"send_metrix_events() missing required argument: {name!r}")
+        positional.append(params.pop(name))
+    if len(positional) != 2 or params:
+        raise TypeError("send_metrix_events() takes exactly (app_id, events)")
+    return positional[0], positional[1]
+
+
+def _options(app_id: str, items: list[list[Any]], options: dict[str, Any]) -> dict[str, Any]:
+    headers = dict(options.get("headers") or {})
+    headers[EVENT_IDS_HEADER] = [event_id for event_id, _ in items]
+    shown = [[event_id, masked(event)] for event_id, event in items[:3]]
+    more = f" + {len(items) - 3} more" if len(items) > 3 else ""
+    return options | {
+        "headers": headers,
+        "argsrepr": f"({app_id!r}, {shown!r}{more})",
+        "kwargsrepr": "{}",
+    }
+
+
+class SendEventsTask(SendEventTask):
+    """Validates every event before publishing any; splits large lists into batches."""
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        *more: Any,
+        **options: Any,
+    ) -> Any:
+        app_id, events = _unpack(args, kwargs)
+        if options.get("retries"):  # a smaller batch going back after a retryable failure
+            opts = _options(app_id, events, options)
+            return super(SendEventTask, self).apply_async(args, kwargs, task_id, *more, **opts)
+        if not isinstance(app_id, str) or not app_id.strip():
+            raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+        if not isinstance(events, list | tuple) or not events:
+            raise InvalidEvent({"events": ["Must be a non-empty list of events."]})
+        normalized: list[dict[str, Any]] = []
+        errors: dict[str, Any] = {}
+        for index, event in enumerate(events):
+            try:
+                normalized.append(validate_event(event))
+            except InvalidEvent as exc:
+                errors[str(index)] = exc.messages
+        if errors:
+            raise InvalidEvent(errors)
+        items: list[list[Any]] = [[str(uuid.uuid4()), event] for event in normalized]
+        size = get_deliverer().settings.bulk_max
+        results = []
+        for start in range(0, len(items), size):
+            batch = items[start : start + size]
+            batch_id = task_id if task_id and start == 0 else str(uuid.uuid4())
+            try:
+                results.append(
+                    super(SendEventTask, self).apply_async(
+                        (app_id, batch), None, batch_id, *more, **_options(app_id, batch, options)
+                    )
+                )
+            except PUBLISH_ERRORS as exc:
+                raise EnqueueError(
+                    f"could not enqueue events {start}-{len(items) - 1} for app {app_id!r} "
+                    f"({start} were queued): the broker is unreachable ({exc})"
+                ) from exc
+            mark_pending({str(event_id): (app_id, event) for event_id, event in batch})
+        result = results[0]
+        result.event_ids = [event_id for event_id, _ in items]
+        result.batches = results
+        return result
+
+
+@shared_task(bind=True, base=SendEventsTask, name=BULK_TASK_NAME)
+def _send_metrix_events(self: SendEventsTask, app_id: Any, items: Any) -> dict[str, int]:
+    deliverer = get_deliverer()
+    if not isinstance(items, list) or not all(
+        isinstance(item, list | tuple) and len(item) == 2 for item in items
+    ):
+        # Not a batch this task published: park it whole rather than guess.
+        deliverer.dead_letter_error(app_id, items, self.request.id, ValueError("not a batch"))
+        return {"dead_lettered": 1}
+    outcomes = deliverer.deliver_many(app_id, [(str(i), e) for i, e in items])
+    again = [[event_id, event] for event_id, event, result in outcomes if result is None or
+             result.action in (Action.RETRY, Action.DEFER)]  # fmt: skip
+    counts = Counter(result.action.value if result else "retry" for _, _, result in outcomes)
+    if again:
+        waits = [r.countdown_s for _, _, r in outcomes if r is not None and r.countdown_s]
+        countdown = max(waits) if waits else 1.0
+        raise self.retry(args=(app_id, again), countdown=countdown)
+    return dict(counts)
+
+
+def _resolve() -> SendEventsTask:
+    return cast(SendEventsTask, _producer_app().tasks[BULK_TASK_NAME])
+
+
+#: ``send_metrix_events.delay(app_id, [event, ...])``: bound, at each call, to the producer's app.
+send_metrix_events: SendEventsTask = cast(SendEventsTask, Proxy(_resolve))
