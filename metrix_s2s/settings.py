@@ -44,7 +44,7 @@ Variables (defaults in parentheses):
                              another worker (longest wait + hard time limit + 30); a smaller value
                              than the longest wait plus the hard time limit is refused
 ``METRIX_BULK_MAX``          most events in one ``send_metrix_events`` message (500)
-``METRIX_BULK_CONCURRENCY``  events of one batch delivered at once by a worker (16)
+``METRIX_BULK_CONCURRENCY``  threads per worker process delivering the events of batches (16)
 ``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
 ``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
 ===========================  ======================================================================

@@ -1,0 +1,1139 @@
+"""The benchmark of metrix-s2s on this machine: ``scripts/bench`` (``--quick``: under a minute).
+
+Everything runs on 127.0.0.1: a private ``redis-server`` on a spare port (``EmbeddedRedis``), the
+fake Metrix (``FakeMetrix``, in this process) and the Celery workers started here, each stopped by
+its PID when its measurement ends. Side by side, on the same Redis and the same fake server:
+
+1. enqueue: ``send_metrix_event.delay(app_id, event)`` (validation and the pending record
+   included) against a bare task's ``.delay()`` with the same arguments, registered on metrix-s2s's
+   own app (the same configuration: sent events, publish retry policy), and, for reference, on a
+   default ``Celery()`` app; per-call ``perf_counter`` times after a warm-up, in interleaved rounds;
+2. end to end: events delivered per second by metrix-s2s's worker (ledger, in-flight guard, rate
+   limiter at ``100000/s``, dead-letter checks: everything on) against a bare task doing one
+   ``requests.post`` on a shared Session, with the same pool and concurrency, Metrix answering at
+   once and after 50 ms. The events are enqueued first, then the worker is started; the rate is
+   counted at the fake server, from the first accepted request to the last;
+3. the threads pool at 50 ms against its own rate at 0 ms;
+4. the bulk path, ``send_metrix_events.delay(app_id, events)`` in batches, against the per-event
+   path, and a loop of ``requests.post`` on a Session with no Celery (near enough the fake
+   server's own ceiling);
+5. each worker's peak memory: VmHWM of the process and of its children, at the end of its run.
+
+It prints a table, then one JSON line with every figure and ratio (``--json-only``: only that).
+``--repeat N`` makes every end-to-end measurement N times, in turn, and reports the medians: on a
+small machine single runs vary by 10-15%. The fake server gets Nagle's algorithm turned off on its
+sockets (socketserver's ``disable_nagle_algorithm``): as shipped it writes an answer's headers and
+body in two ``send()`` calls, and the body then waits about 40 ms for the client's delayed ACK.
+``--stock-fake`` leaves it as shipped.
+
+This file is also the module the baseline workers import: ``celery -A bench worker`` runs
+``bench.post_event`` on an app with metrix-s2s's own configuration, ``celery -A
+bench:default_app worker`` on a default ``Celery()`` app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import dataclasses
+import functools
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from celery import Celery
+from requests.adapters import HTTPAdapter
+
+SCRIPTS = Path(__file__).resolve().parent
+APP_ID = "bench-app"
+DEV_KEY = "bench-dev-key-7c1e9a42d5b3"
+POST_TASK = "bench.post_event"
+NOOP_TASK = "bench.noop"
+RATE_LIMIT = "100000/s"
+#: Events per ``send_metrix_events.delay()`` call.
+BATCH = 200
+#: The queues the tasks are published to: metrix-s2s's app (and its configuration), Celery's own.
+OWN_QUEUE = "metrix_s2s"
+DEFAULT_QUEUE = "celery"
+#: Seconds a worker gets for a warm shutdown before it is killed.
+STOP_TIMEOUT_S = 30.0
+
+
+def make_event(i: int, run: str) -> dict[str, Any]:
+    """A purchase event in Metrix's wire format, about 300 bytes of JSON; distinct per ``i``."""
+    return {
+        "metrixUserId": f"{run}-{i:08d}",
+        "metrixSessionId": f"6e3c1a5b-4f2d-session-{i:08d}",
+        "advertisingId": "38400000-8cf0-11bd-b23e-10b96e40000d",
+        "eventSlug": "purchase",
+        "eventTime": int(time.time() * 1000),
+        "customAttributes": {"content_type": "wallets", "plan": "gold", "channel": "web"},
+        "customMetrics": {"revenue": 130.5, "items": 3},
+        "deviceIp": "203.0.113.7",
+    }
+
+
+# -- the baseline: what a team would hand-roll -----------------------------------------------------
+
+_session_lock = threading.Lock()
+_session: requests.Session | None = None
+_session_pid = 0
+
+
+def shared_session() -> requests.Session:
+    """The process's one Session (made after a prefork child forks), its pool wide enough for the
+    worker's threads: a careful hand-rolled task, not a handicapped one."""
+    global _session, _session_pid
+    session = _session
+    if session is None or _session_pid != os.getpid():
+        with _session_lock:
+            if _session is None or _session_pid != os.getpid():
+                fresh = requests.Session()
+                fresh.mount("http://", HTTPAdapter(pool_maxsize=64))
+                _session, _session_pid = fresh, os.getpid()
+            session = _session
+    return session
+
+
+@functools.cache
+def _target() -> tuple[str, dict[str, str]]:
+    return os.environ["METRIX_BASE_URL"].rstrip("/"), json.loads(os.environ["METRIX_APPS"])
+
+
+def post_event(app_id: str, event: dict[str, Any], session: requests.Session | None = None) -> int:
+    """The bare delivery task: one POST; anything but a 2xx raises."""
+    base_url, keys = _target()
+    response = (session or shared_session()).post(
+        f"{base_url}/inappevent/{app_id}",
+        data=json.dumps(event, separators=(",", ":")),
+        headers={"Authorization": keys[app_id], "Content-Type": "application/json"},
+        timeout=(3.05, 10),
+    )
+    response.raise_for_status()
+    return response.status_code
+
+
+def noop(app_id: str, event: dict[str, Any]) -> None:
+    """The bare task of the enqueue measurement (published, never run)."""
+
+
+_apps_lock = threading.Lock()
+_apps: dict[str, Celery] = {}
+
+
+def baseline_app(kind: str) -> Celery:
+    """``"same"``: an app with metrix-s2s's own configuration (the recommended settings, its
+    queue, acks late, prefetch 1, sent and task events); ``"default"``: ``Celery()`` with only the
+    broker set. Both carry ``bench.post_event`` and ``bench.noop``."""
+    with _apps_lock:
+        if kind not in _apps:
+            if kind == "same":
+                from metrix_s2s.settings import get_settings
+                from metrix_s2s.workers.config import own_app_settings
+
+                app = Celery("bench", set_as_current=False)
+                app.conf.update(own_app_settings(get_settings()))
+            elif kind == "default":
+                app = Celery("bench_default", set_as_current=False)
+                app.conf.broker_url = os.environ["CELERY_BROKER_URL"]
+            else:
+                raise ValueError(kind)
+            app.task(name=POST_TASK)(post_event)
+            app.task(name=NOOP_TASK)(noop)
+            _apps[kind] = app
+        return _apps[kind]
+
+
+def __getattr__(name: str) -> Any:
+    """``celery -A bench`` and ``-A bench:default_app``: the apps are built on first access."""
+    if name in {"app", "celery"}:
+        return baseline_app("same")
+    if name == "default_app":
+        return baseline_app("default")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- measuring helpers -----------------------------------------------------------------------------
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made (an event did not arrive, a worker died)."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile ``q`` (0-100) of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def _proc_status(pid: int, field: str) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc, so no extra package)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _is_celery(pid: int) -> bool:
+    try:
+        return b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@dataclass
+class Worker:
+    """A ``celery worker`` process started by the benchmark."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def peak_memory_mib(self) -> dict[str, Any]:
+        """VmHWM (peak resident set) of the worker and of each child process, in MiB."""
+        main = _proc_status(self.proc.pid, "VmHWM") or 0
+        kids = [(_proc_status(pid, "VmHWM") or 0) for pid in children_of(self.proc.pid)]
+        return {
+            "main_mib": round(main / 1024, 1),
+            "children_mib": [round(k / 1024, 1) for k in kids],
+            "total_mib": round((main + sum(kids)) / 1024, 1),
+        }
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL; pool children by their PIDs too."""
+        pid = self.proc.pid
+        kids = [k for k in children_of(pid) if _is_celery(k)]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                for kid in kids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(kid, signal.SIGKILL)
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        for kid in kids:
+            while _is_celery(kid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _is_celery(kid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(kid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    enqueue_warmup: int
+    enqueue_rounds: int
+    enqueue_block: int
+    events: int
+    prefork_50ms_events: int
+    sequential_50ms_events: int
+    profile_events: int
+    prefork: bool
+    default_celery_e2e: bool
+
+
+QUICK = Sizes(200, 2, 250, 300, 60, 40, 300, prefork=False, default_celery_e2e=False)
+DEFAULT = Sizes(300, 5, 1000, 2500, 500, 100, 1000, prefork=True, default_celery_e2e=True)
+
+
+class Bench:
+    """The shared Redis and fake server, and every measurement made against them."""
+
+    def __init__(self, sizes: Sizes, *, verbose: bool, nodelay: bool) -> None:
+        self.sizes = sizes
+        self.verbose = verbose
+        self.nodelay = nodelay
+        self._stack = contextlib.ExitStack()
+        self.env: dict[str, str] = {}
+
+    # -- set-up and tear-down --------------------------------------------------------------------
+
+    def __enter__(self) -> Bench:
+        from metrix_s2s import fakeserver
+        from metrix_s2s.embedded import EmbeddedRedis
+        from metrix_s2s.fakeserver import FakeMetrix
+
+        # The fake writes an answer's headers and its body in two send() calls; with Nagle's
+        # algorithm on, the body waits for the client's delayed ACK, about 40 ms on Linux, on
+        # every request of a kept-alive connection. socketserver's own switch turns it off, so
+        # that "0 ms" means what it says (--stock-fake measures the fake as it ships).
+        fakeserver._Handler.disable_nagle_algorithm = self.nodelay
+        try:
+            self.redis_server = self._stack.enter_context(EmbeddedRedis())
+            self.fake = self._stack.enter_context(FakeMetrix({APP_ID: DEV_KEY}))
+            self.tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory("-bench")))
+            self._configure()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _configure(self) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(self.redis_server.url)
+        self._stack.callback(self.redis.close)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("METRIX_", "CELERY_"))}
+        path = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
+        env |= {
+            "CELERY_BROKER_URL": self.redis_server.url,
+            "METRIX_BASE_URL": self.fake.url,
+            "METRIX_APPS": json.dumps({APP_ID: DEV_KEY}),
+            "METRIX_RATE_LIMIT": RATE_LIMIT,
+            "PYTHONPATH": path,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env = env
+        # This process produces through metrix-s2s's own app, configured from the same variables.
+        for key in [k for k in os.environ if k.startswith(("METRIX_", "CELERY_"))]:
+            del os.environ[key]
+        os.environ.update(env)
+        from metrix_s2s.settings import get_settings
+
+        if get_settings().broker_url != self.redis_server.url:
+            raise BenchError("metrix-s2s's settings were read before the benchmark set them")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        """FLUSHDB, keeping the exchange bindings of the two task queues: this process's producers
+        declared them once and kombu does not declare them again (without them a message to a
+        direct exchange has no route)."""
+        keys = [f"_kombu.binding.{OWN_QUEUE}", f"_kombu.binding.{DEFAULT_QUEUE}"]
+        bindings = {key: self.redis.smembers(key) for key in keys}
+        self.redis.flushdb()
+        for key, members in bindings.items():
+            if members:
+                self.redis.sadd(key, *members)
+
+    def start_worker(
+        self, app: str, pool: str, concurrency: int, tag: str, env: dict[str, str] | None = None
+    ) -> Worker:
+        log_path = self.tmp / f"worker-{tag}.log"
+        cmd = [
+            sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
+            "-c", str(concurrency), "-l", "WARNING", "--without-mingle", "--without-gossip",
+            "-n", f"bench-{tag}-{os.getpid()}@%h",
+        ]  # fmt: skip
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env | (env or {}),
+                cwd=self.tmp,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return Worker(proc, log_path)
+
+    # -- 1. enqueue --------------------------------------------------------------------------------
+
+    def enqueue(self) -> dict[str, Any]:
+        from metrix_s2s import send_metrix_event
+        from metrix_s2s.workers import app as own_app
+
+        own_noop = own_app.task(name=NOOP_TASK)(noop)
+        default_noop = baseline_app("default").tasks[NOOP_TASK]
+        if send_metrix_event._get_current_object().app is not own_app:
+            raise BenchError("send_metrix_event does not publish through metrix-s2s's own app")
+        event = make_event(0, "enqueue")
+        size = len(json.dumps([APP_ID, event], separators=(",", ":")))
+        variants: dict[str, Callable[[], Any]] = {
+            "metrix": lambda: send_metrix_event.delay(APP_ID, event),
+            "bare_same_config": lambda: own_noop.delay(APP_ID, event),
+            "bare_default_celery": lambda: default_noop.delay(APP_ID, event),
+        }
+        s = self.sizes
+        self.say(
+            f"enqueue: {len(variants)} variants, {s.enqueue_warmup} warm-up calls, then "
+            f"{s.enqueue_rounds} rounds of {s.enqueue_block} timed calls each"
+        )
+        for call in variants.values():
+            self.flush()
+            for _ in range(s.enqueue_warmup):
+                call()
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for round_ in range(s.enqueue_rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in order:
+                self.flush()
+                call, out = variants[name], times[name]
+                for _ in range(s.enqueue_block):
+                    started = time.perf_counter()
+                    call()
+                    out.append(time.perf_counter() - started)
+        self.flush()
+        result: dict[str, Any] = {"payload_bytes": size}
+        for name, values in times.items():
+            result[name] = {
+                "calls": len(values),
+                "calls_per_s": round(len(values) / sum(values), 1),
+                "p50_ms": round(percentile(values, 50) * 1000, 3),
+                "p99_ms": round(percentile(values, 99) * 1000, 3),
+            }
+        for base in ("bare_same_config", "bare_default_celery"):
+            ratio = result["metrix"]["p50_ms"] / result[base]["p50_ms"]
+            result[f"p50_ratio_vs_{base}"] = round(ratio, 3)
+        return result
+
+    # -- 2-5. end to end ---------------------------------------------------------------------------
+
+    def _enqueue_events(self, path: str, events: list[dict[str, Any]]) -> tuple[str, int]:
+        """Publish the run's events; returns the queue they went to and the messages published."""
+        from metrix_s2s import send_metrix_event, send_metrix_events
+
+        if path == "metrix":
+            for event in events:
+                send_metrix_event.delay(APP_ID, event)
+            return OWN_QUEUE, len(events)
+        if path == "bulk":
+            for start in range(0, len(events), BATCH):
+                send_metrix_events.delay(APP_ID, events[start : start + BATCH])
+            return OWN_QUEUE, -(-len(events) // BATCH)
+        kind = "same" if path == "bare" else "default"
+        task = baseline_app(kind).tasks[POST_TASK]
+        for event in events:
+            task.delay(APP_ID, event)
+        return (OWN_QUEUE if kind == "same" else DEFAULT_QUEUE), len(events)
+
+    def end_to_end(
+        self,
+        path: str,
+        pool: str,
+        concurrency: int,
+        latency: float,
+        n: int,
+        extra_env: dict[str, str] | None = None,
+        *,
+        informative: bool = False,
+    ) -> dict[str, Any]:
+        """``n`` events through ``path`` (``metrix``, ``bulk``, ``bare``, ``bare_default``);
+        ``extra_env``: settings changed from their defaults (the run is then informative only,
+        as is one made with ``informative``: not one the targets are about)."""
+        label = f"{path}, {pool} {concurrency}, {latency * 1000:g} ms"
+        self.flush()
+        self.fake.reset()
+        self.fake.set_latency(latency)
+        run = uuid.uuid4().hex[:8]
+        events = [make_event(i, run) for i in range(n)]
+        started = time.perf_counter()
+        queue, messages = self._enqueue_events(path, events)
+        enqueue_s = time.perf_counter() - started
+        queued = self.redis.llen(queue)
+        if queued != messages:
+            raise BenchError(f"{label}: {messages} messages published, {queued} in {queue!r}")
+        app = {"bare": "bench", "bare_default": "bench:default_app"}.get(path, "metrix_s2s.workers")
+        note = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items()) or None
+        tag = f"{path}-{pool}{concurrency}-{int(latency * 1000)}ms-{uuid.uuid4().hex[:4]}"
+        if note:
+            label += f", {note}"
+        self.say(f"end to end: {label}: {n} events queued in {enqueue_s:.1f} s; starting a worker")
+        worker = self.start_worker(app, pool, concurrency, tag, extra_env)
+        timeout = 60 + n * 0.1
+        try:
+            waited = self._wait_for(n, worker, timeout, label)
+            memory = worker.peak_memory_mib()
+        finally:
+            worker.stop()
+        accepted = self.fake.accepted
+        arrivals = sorted(r.at for r in accepted)
+        distinct = len({r.body["metrixUserId"] for r in accepted})
+        span = arrivals[-1] - arrivals[0]
+        rate = (len(arrivals) - 1) / span if span > 0 else float("nan")
+        other = len(self.fake.requests) - len(accepted)
+        self.say(f"   {rate:.1f} events/s over {span:.2f} s (all in after {waited:.1f} s)")
+        return {
+            "path": path,
+            "pool": pool,
+            "concurrency": concurrency,
+            "latency_ms": round(latency * 1000),
+            "events": n,
+            "events_per_s": round(rate, 1),
+            "seconds": round(span, 3),
+            "accepted": len(accepted),
+            "duplicates": len(accepted) - distinct,
+            "non_200": other,
+            "messages": messages,
+            "enqueue_s": round(enqueue_s, 2),
+            "peak_memory": memory,
+            "setting": note,
+            "informative": informative or note is not None,
+        }
+
+    def _wait_for(self, n: int, worker: Worker, timeout: float, label: str) -> float:
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            received = self.fake.requests
+            accepted = sum(1 for r in received if r.status == 200)
+            if accepted >= n:
+                return time.monotonic() - started
+            if worker.proc.poll() is not None:
+                raise BenchError(
+                    f"{label}: the worker exited ({worker.proc.returncode}) after {accepted} of "
+                    f"{n} events:\n{worker.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{label}: only {accepted} of {n} events accepted ({len(received)} requests) "
+                    f"within {timeout:.0f} s:\n{worker.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    # -- no Celery ------------------------------------------------------------------------------
+
+    def requests_loop(self, n: int, threads: int, latency: float) -> dict[str, Any]:
+        """``n`` POSTs from one other process, ``threads`` at a time, on one Session."""
+        self.fake.reset()
+        self.fake.set_latency(latency)
+        script = str(Path(__file__).resolve())
+        cmd = [sys.executable, script, "--requests-loop", str(n), str(threads)]
+        label = f"requests loop, {threads} thread(s), {latency * 1000:g} ms"
+        self.say(f"no Celery: {label}: {n} events")
+        proc = subprocess.Popen(cmd, env=self.env, cwd=self.tmp, stdout=subprocess.PIPE)
+        timeout = 60 + n * 0.1
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{label}: not done within {timeout:.0f} s") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        if proc.returncode != 0:
+            raise BenchError(f"{label}: the loop failed ({proc.returncode})")
+        arrivals = sorted(r.at for r in self.fake.accepted)
+        if len(arrivals) != n:
+            raise BenchError(f"{label}: {len(arrivals)} of {n} events accepted")
+        span = arrivals[-1] - arrivals[0]
+        rate = (n - 1) / span
+        self.say(f"   {rate:.1f} events/s")
+        return {
+            "threads": threads,
+            "latency_ms": round(latency * 1000),
+            "events": n,
+            "events_per_s": round(rate, 1),
+            "client_seconds": json.loads(out)["seconds"],
+        }
+
+    # -- where the time goes, in-process ---------------------------------------------------------
+
+    def worker_side_cost(self, n: int) -> dict[str, Any]:
+        """Where a worker's time goes, measured in this process against the fake server at 0 ms:
+        CPU of the sending thread (``time.thread_time``) per event for ``Deliverer.deliver``, the
+        bare POST, and the parts of ``deliver`` one by one; then a short cProfile of ``deliver``.
+
+        The fake server's threads share this process, so wall-clock figures here (and the
+        profile, which uses the wall clock) include waiting for them; thread CPU time does not.
+        """
+        from metrix_s2s.delivery import Action, get_deliverer
+        from metrix_s2s.ledger import Limits
+        from metrix_s2s.ratelimit import RateLimit
+        from metrix_s2s.schema import now_ms, validate_event
+
+        self.flush()
+        self.fake.reset()
+        deliverer = get_deliverer()
+        ledger, client = deliverer.ledger, deliverer.client
+        limits = Limits(RateLimit.parse(RATE_LIMIT, "METRIX_RATE_LIMIT"), None, 0.25)
+        run = uuid.uuid4().hex[:8]
+        events = iter([make_event(i, run) for i in range(10 * n + 500)])
+
+        def deliver(event: dict[str, Any]) -> None:
+            result = deliverer.deliver(APP_ID, event, str(uuid.uuid4()))
+            if result.action is not Action.DELIVERED:
+                raise BenchError(f"in-process delivery: {result}")
+
+        def ledger_scripts(event: dict[str, Any]) -> None:
+            event_id, token = str(uuid.uuid4()), uuid.uuid4().hex
+            ledger.claim(event_id, token, APP_ID, limits)
+            ledger.delivered(event_id, token, APP_ID, 200, now_ms())
+
+        def send(event: dict[str, Any]) -> None:
+            client.send(APP_ID, DEV_KEY, event)
+
+        def pending(event: dict[str, Any]) -> None:
+            ledger.mark_pending({str(uuid.uuid4()): (APP_ID, event)}, now_ms())
+
+        lean = requests.Session()
+        lean.trust_env = False  # as metrix-s2s's client: no proxy or .netrc look-up per request
+        lean.mount("http://", HTTPAdapter(pool_maxsize=64))
+        self._stack.callback(lean.close)
+        parts: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "metrix_deliver": deliver,
+            "bare_post": lambda event: post_event(APP_ID, event),
+            "bare_post_trust_env_off": lambda event: post_event(APP_ID, event, lean),
+            "part_validate_event": validate_event,
+            "part_ledger_claim_and_finish": ledger_scripts,
+            "part_client_send": send,
+            "enqueue_part_mark_pending": pending,
+        }
+        self.say(f"in-process: {n} calls per part, thread CPU time per call; then cProfile")
+        result: dict[str, Any] = {"events": n}
+        for name, fn in parts.items():
+            for _ in range(50):
+                fn(next(events))
+            batch = [next(events) for _ in range(n)]
+            wall, cpu = time.perf_counter(), time.thread_time()
+            for event in batch:
+                fn(event)
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            result[name] = {
+                "cpu_ms_per_event": round(cpu / n * 1000, 3),
+                "wall_ms_per_event": round(wall / n * 1000, 3),
+            }
+        result["cpu_ratio"] = round(
+            result["metrix_deliver"]["cpu_ms_per_event"] / result["bare_post"]["cpu_ms_per_event"],
+            3,
+        )
+        profiler = cProfile.Profile()
+        batch = [next(events) for _ in range(n)]
+        profiler.enable()
+        for event in batch:
+            deliver(event)
+        profiler.disable()
+        result["profile_deliver"] = _top(profiler, n)
+        self.flush()
+        return result
+
+    def enqueue_profile(self, n: int) -> list[str]:
+        from metrix_s2s import send_metrix_event
+
+        event = make_event(0, "profile")
+        for _ in range(50):
+            send_metrix_event.delay(APP_ID, event)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(n):
+            send_metrix_event.delay(APP_ID, event)
+        profiler.disable()
+        self.flush()
+        return _top(profiler, n)
+
+
+def _top(profiler: cProfile.Profile, calls: int, entries: int = 14) -> list[str]:
+    """The profile's top entries by own time, per profiled call, in us (wall clock: the socket
+    methods are waits for Redis, the broker or the fake server)."""
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    rows = []
+    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        where = re.sub(r"^.*?(site-packages|lib/python3\.\d+)/", "", filename)
+        where = where.removeprefix(str(SCRIPTS.parent) + "/")
+        rows.append((tottime, cumtime, ncalls, f"{where}:{line}({name})"))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    lines = [f"total {total / calls * 1e6:.1f} us per call ({calls} calls)"]
+    lines.append("   own us  cum us  calls/call  function")
+    for tottime, cumtime, ncalls, where in rows[:entries]:
+        lines.append(
+            f"{tottime / calls * 1e6:9.1f} {cumtime / calls * 1e6:7.1f} {ncalls / calls:11.1f}"
+            f"  {where}"
+        )
+    return lines
+
+
+# -- the loop of the "no Celery" measurement, in a process of its own ------------------------------
+
+
+def requests_loop_main(n: int, threads: int) -> int:
+    run = uuid.uuid4().hex[:8]
+    events = [make_event(i, run) for i in range(n)]
+    shares = [events[i::threads] for i in range(threads)]
+    errors: list[BaseException] = []
+
+    def send(share: list[dict[str, Any]]) -> None:
+        try:
+            for event in share:
+                post_event(APP_ID, event)
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=send, args=(share,)) for share in shares]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        print(f"requests loop: {errors[0]!r}", file=sys.stderr)
+        return 1
+    print(json.dumps({"seconds": round(elapsed, 3)}))
+    return 0
+
+
+# -- the whole run ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import celery
+    import kombu
+    import redis
+
+    from metrix_s2s.embedded import find_redis_server
+
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    server = "unknown"
+    binary = find_redis_server()
+    if binary:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout
+            server = next((w[2:] for w in out.split() if w.startswith("v=")), out.strip())
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis_py": redis.__version__,
+        "requests": requests.__version__,
+        "redis_server": server,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One end-to-end measurement to make."""
+
+    path: str
+    pool: str
+    concurrency: int
+    latency: float
+    events: int
+    extra_env: dict[str, str] | None = None
+    informative: bool = False
+
+
+def plan(sizes: Sizes) -> list[list[Run]]:
+    """The end-to-end measurements, in groups compared with each other (run in turn)."""
+    n = sizes.events
+    groups: list[list[Run]] = []
+    pools = [("threads", 16)] + ([("prefork", 2)] if sizes.prefork else [])
+    for pool, size in pools:
+        for latency in (0.0, 0.05):
+            count = sizes.prefork_50ms_events if pool == "prefork" and latency else n
+            groups.append([Run(path, pool, size, latency, count) for path in ("metrix", "bare")])
+    if sizes.default_celery_e2e:
+        groups.append([Run("bare_default", "threads", 16, latency, n) for latency in (0.0, 0.05)])
+    groups.append([Run("bulk", "threads", 16, latency, n) for latency in (0.0, 0.05)])
+    # Informative, not targets: the bulk executor is per worker process (16 threads for every
+    # batch at once), and concurrency sized to rate x latency.
+    wide = {"METRIX_BULK_CONCURRENCY": "64"}
+    groups.append([Run("bulk", "threads", 16, 0.05, n, wide)])
+    groups.append([Run("metrix", "threads", 32, lat, n, informative=True) for lat in (0.0, 0.05)])
+    return groups
+
+
+def run_all(bench: Bench, quick: bool, repeat: int) -> dict[str, Any]:
+    s = bench.sizes
+    n = s.events
+    result: dict[str, Any] = {
+        "mode": "quick" if quick else "default",
+        "method": (
+            "end to end: N events pre-enqueued, then the worker started; events/s counted at the "
+            "fake server from the first accepted request to the last; with --repeat, the median "
+            "of the rounds"
+        ),
+        "repeat": repeat,
+        "enqueue": bench.enqueue(),
+    }
+    runs: list[dict[str, Any]] = []
+    for round_ in range(repeat):
+        for group in plan(s):
+            # Every other round runs each group in the opposite order.
+            for spec in group if round_ % 2 == 0 else reversed(group):
+                run = bench.end_to_end(
+                    spec.path,
+                    spec.pool,
+                    spec.concurrency,
+                    spec.latency,
+                    spec.events,
+                    spec.extra_env,
+                    informative=spec.informative,
+                )
+                runs.append(run | {"round": round_ + 1})
+    result["end_to_end_runs"] = runs
+    result["end_to_end"] = summarize(runs)
+    result["no_celery"] = [
+        bench.requests_loop(n, 1, 0.0),
+        bench.requests_loop(s.sequential_50ms_events, 1, 0.05),
+        bench.requests_loop(n, 16, 0.0),
+        bench.requests_loop(n, 16, 0.05),
+    ]
+    result["in_process"] = bench.worker_side_cost(s.profile_events)
+    result["in_process"]["profile_enqueue"] = bench.enqueue_profile(s.profile_events)
+    result["ratios"], result["targets"] = ratios_and_targets(result)
+    return result
+
+
+_SAME = ("path", "pool", "concurrency", "latency_ms", "events", "setting", "informative")
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measurement: the median rate of its rounds, their range, the highest peak
+    memory, and the duplicates and non-200 answers of all of them."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in _SAME), []).append(run)
+    rows = []
+    for same in groups.values():
+        rates = [r["events_per_s"] for r in same]
+        rows.append(
+            {k: same[0][k] for k in _SAME}
+            | {
+                "rounds": len(same),
+                "events_per_s": round(statistics.median(rates), 1),
+                "min_events_per_s": min(rates),
+                "max_events_per_s": max(rates),
+                "duplicates": sum(r["duplicates"] for r in same),
+                "non_200": sum(r["non_200"] for r in same),
+                "peak_memory": max(
+                    (r["peak_memory"] for r in same), key=lambda m: float(m["total_mib"])
+                ),
+            }
+        )
+    return rows
+
+
+def _rate(result: dict[str, Any], path: str, pool: str, size: int, latency_ms: int) -> float | None:
+    """The (median) rate of the measurement with these parameters and default settings."""
+    for run in result["end_to_end"]:
+        if run["setting"]:
+            continue
+        if (run["path"], run["pool"], run["concurrency"], run["latency_ms"]) == (
+            path,
+            pool,
+            size,
+            latency_ms,
+        ):
+            return float(run["events_per_s"])
+    return None
+
+
+def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    ratios: dict[str, float] = {}
+    enqueue = result["enqueue"]
+    ratios["enqueue_p50_metrix_vs_bare_same_config"] = enqueue["p50_ratio_vs_bare_same_config"]
+    ratios["enqueue_p50_metrix_vs_bare_default_celery"] = enqueue[
+        "p50_ratio_vs_bare_default_celery"
+    ]
+
+    def put(key: str, numerator: float | None, denominator: float | None) -> None:
+        if numerator and denominator:
+            ratios[key] = round(numerator / denominator, 3)
+
+    for pool, size in (("threads", 16), ("prefork", 2), ("threads", 32)):
+        for ms in (0, 50):
+            metrix = _rate(result, "metrix", pool, size, ms)
+            put(
+                f"e2e_{pool}{size}_{ms}ms_metrix_vs_bare",
+                metrix,
+                _rate(result, "bare", pool, size, ms),
+            )
+            default = _rate(result, "bare_default", pool, size, ms)
+            put(f"e2e_{pool}{size}_{ms}ms_metrix_vs_bare_default_celery", metrix, default)
+        at0, at50 = _rate(result, "metrix", pool, size, 0), _rate(result, "metrix", pool, size, 50)
+        put(f"e2e_{pool}{size}_metrix_50ms_vs_0ms", at50, at0)
+    for ms in (0, 50):
+        bulk, single = (
+            _rate(result, "bulk", "threads", 16, ms),
+            _rate(result, "metrix", "threads", 16, ms),
+        )
+        put(f"bulk_vs_per_event_threads16_{ms}ms", bulk, single)
+    single50 = _rate(result, "metrix", "threads", 16, 50)
+    single0 = _rate(result, "metrix", "threads", 16, 0)
+    for run in result["end_to_end"]:
+        if not run["informative"] or run["latency_ms"] != 50:
+            continue
+        if run["setting"]:
+            slug = run["setting"].lower().replace("metrix_", "").replace("=", "")
+            key = slug if slug.startswith(run["path"]) else f"{run['path']}_{slug}"
+            put(f"{key}_vs_per_event_threads16_50ms", run["events_per_s"], single50)
+        else:
+            key = f"e2e_{run['pool']}{run['concurrency']}_metrix_50ms"
+            put(f"{key}_vs_threads16_0ms", run["events_per_s"], single0)
+    wanted = [
+        ("enqueue_p50_metrix_vs_bare_same_config", "<=", 1.3),
+        ("e2e_threads16_0ms_metrix_vs_bare", ">=", 0.85),
+        ("e2e_threads16_50ms_metrix_vs_bare", ">=", 0.85),
+        ("e2e_prefork2_0ms_metrix_vs_bare", ">=", 0.85),
+        ("e2e_prefork2_50ms_metrix_vs_bare", ">=", 0.85),
+        ("e2e_threads16_metrix_50ms_vs_0ms", ">=", 0.8),
+        ("bulk_vs_per_event_threads16_50ms", ">=", 3.0),
+    ]
+    targets: dict[str, Any] = {}
+    for key, op, bound in wanted:
+        if key not in ratios:
+            continue
+        value = ratios[key]
+        met = value <= bound if op == "<=" else value >= bound
+        targets[key] = {"value": value, "target": f"{op} {bound:g}", "met": met}
+    return ratios, targets
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+_PATHS = {
+    "metrix": "metrix-s2s, per event",
+    "bulk": f"metrix-s2s bulk, {BATCH}/call",
+    "bare": "bare task, metrix-s2s's config",
+    "bare_default": "bare task, default Celery()",
+}
+
+
+def render(result: dict[str, Any], argv: list[str]) -> str:
+    m = result["machine"]
+    out: list[str] = []
+    add = out.append
+    add(f"metrix-s2s benchmark ({result['mode']}): scripts/bench {' '.join(argv)}".rstrip())
+    add(
+        f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, Python "
+        f"{m['python']}, load average at the start {m['loadavg_at_start'][0]:.2f}"
+    )
+    add(
+        f"         Celery {m['celery']}, kombu {m['kombu']}, redis-py {m['redis_py']}, requests "
+        f"{m['requests']}, redis-server {m['redis_server']}"
+    )
+    add(
+        "fake server: "
+        + (
+            "Nagle off (TCP_NODELAY), so 0 ms means at once"
+            if result["fake_server_tcp_nodelay"]
+            else "as shipped, Nagle on: about 40 ms more per answer on a kept-alive connection"
+        )
+    )
+    e = result["enqueue"]
+    add("")
+    add(
+        f"Enqueue: .delay() of one event ({e['payload_bytes']} bytes of JSON arguments), "
+        f"{e['metrix']['calls']} timed calls each"
+    )
+    add(f"  {'variant':<48} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for key, name in (
+        ("metrix", "send_metrix_event.delay()"),
+        ("bare_same_config", "bare task, metrix-s2s's app and config"),
+        ("bare_default_celery", "bare task, default Celery() app"),
+    ):
+        v = e[key]
+        add(f"  {name:<48} {v['calls_per_s']:>8.0f} {v['p50_ms']:>8.3f} {v['p99_ms']:>8.3f}")
+    _render_end_to_end(result["end_to_end"], out)
+    add("")
+    add("No Celery: one process posting on one requests.Session (the fake server's ceiling)")
+    for r in result["no_celery"]:
+        what = "sequential" if r["threads"] == 1 else f"{r['threads']} threads"
+        add(
+            f"  {what:<11} {r['latency_ms']:>4} ms  {'requests.post loop':<42} {r['events']:>6} "
+            f"{r['events_per_s']:>9.1f}"
+        )
+    _render_in_process(result["in_process"], out)
+    add("")
+    add("Targets")
+    for key, t in result["targets"].items():
+        add(f"  {key:<48} {t['value']:>7.3f}  target {t['target']:<7} {_verdict(t)}")
+    others = {k: v for k, v in result["ratios"].items() if k not in result["targets"]}
+    if others:
+        add("Other ratios")
+        for key, value in others.items():
+            add(f"  {key:<62} {value:>7.3f}")
+    return "\n".join(out)
+
+
+def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
+    add = out.append
+    add("")
+    add("End to end: events enqueued first, then the worker started; events/s at the fake server")
+    add("(first accepted to last); peak RSS = VmHWM of the worker process (+ its pool children)")
+    rounds = max(r["rounds"] for r in rows)
+    if rounds > 1:
+        add(f"events/s: the median of {rounds} rounds, then the lowest and the highest")
+    width = 10 if rounds > 1 else 0  # the range column, only for several rounds
+    header = ("pool", "latency", "path", "events", "events/s", "range" if width else "")
+    add(
+        "  {:<11} {:>7}  {:<42} {:>6} {:>9} {:>{w}} {:>12}".format(*header, "peak RSS MiB", w=width)
+    )
+    for r in rows:
+        mem = r["peak_memory"]
+        rss = f"{mem['main_mib']:.0f}"
+        if mem["children_mib"]:
+            rss += " + " + " + ".join(f"{c:.0f}" for c in mem["children_mib"])
+        spread = ""
+        if r["rounds"] > 1:
+            spread = f"{r['min_events_per_s']:.0f}-{r['max_events_per_s']:.0f}"
+        what = _PATHS[r["path"]]
+        if r["setting"]:
+            what += ", " + r["setting"].replace("METRIX_BULK_CONCURRENCY=", "") + " threads"
+        if r["informative"]:
+            what += " (*)"
+        add(
+            f"  {r['pool'] + ' ' + str(r['concurrency']):<11} {r['latency_ms']:>4} ms  "
+            f"{what:<42} {r['events']:>6} {r['events_per_s']:>9.1f} {spread:>{width}} {rss:>12}"
+        )
+        if r["duplicates"] or r["non_200"]:
+            add(f"      (!) duplicates {r['duplicates']}, non-200 answers {r['non_200']}")
+    if any(r["informative"] for r in rows):
+        add(
+            "  (*) informative, not a target: METRIX_BULK_CONCURRENCY raised from 16, or a "
+            "concurrency other than 16"
+        )
+
+
+def _render_in_process(p: dict[str, Any], out: list[str]) -> None:
+    add = out.append
+    add("")
+    add(f"Worker side, in this process ({p['events']} events at 0 ms), CPU of the sending thread:")
+    add(
+        f"  Deliverer.deliver {p['metrix_deliver']['cpu_ms_per_event']:.3f} ms per event, bare "
+        f"requests.post {p['bare_post']['cpu_ms_per_event']:.3f} ms ({p['cpu_ratio']:.2f}x), "
+        f"{p['bare_post_trust_env_off']['cpu_ms_per_event']:.3f} ms with trust_env off"
+    )
+    add(
+        f"  its parts: validate_event {p['part_validate_event']['cpu_ms_per_event']:.3f} ms, "
+        f"ledger claim + finish scripts {p['part_ledger_claim_and_finish']['cpu_ms_per_event']:.3f}"
+        f" ms, MetrixClient.send {p['part_client_send']['cpu_ms_per_event']:.3f} ms"
+    )
+    add(
+        "  enqueue side: the pending record (Ledger.mark_pending) "
+        f"{p['enqueue_part_mark_pending']['cpu_ms_per_event']:.3f} ms"
+    )
+    for key, title in (
+        ("profile_deliver", "cProfile of Deliverer.deliver"),
+        ("profile_enqueue", "cProfile of send_metrix_event.delay"),
+    ):
+        if key in p:
+            add(f"  {title}:")
+            out.extend(f"    {line}" for line in p[key])
+
+
+def _verdict(target: dict[str, Any]) -> str:
+    if target["met"]:
+        return "met"
+    op, bound = target["target"].split()
+    value, bound_f = target["value"], float(bound)
+    short = (value / bound_f - 1) if op == "<=" else (1 - value / bound_f)
+    return f"MISSED by {short * 100:.0f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["--requests-loop"]:
+        return requests_loop_main(int(args_list[1]), int(args_list[2]))
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmark metrix-s2s against bare Celery on 127.0.0.1: enqueue, end to end, "
+        "bulk, memory. Prints a table, then one JSON line.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute")
+    parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    parser.add_argument("--events", type=int, help="events per end-to-end measurement")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every end-to-end measurement N times (in turn) and report the median (1)",
+    )
+    parser.add_argument(
+        "--stock-fake",
+        action="store_true",
+        help="leave Nagle's algorithm on in the fake server, as it ships (it then adds about "
+        "40 ms to every answer on a kept-alive connection)",
+    )
+    args = parser.parse_args(args_list)
+    sizes = QUICK if args.quick else DEFAULT
+    if not 1 <= args.repeat <= 10:
+        parser.error("--repeat must be from 1 to 10")
+    if args.events:
+        if not 10 <= args.events <= 100_000:
+            parser.error("--events must be from 10 to 100000")
+        sizes = dataclasses.replace(sizes, events=args.events)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    host = machine()  # before starting anything, for the load average
+    try:
+        with Bench(sizes, verbose=not args.json_only, nodelay=not args.stock_fake) as bench:
+            result = {
+                "machine": host,
+                "fake_server_tcp_nodelay": bench.nodelay,
+                **run_all(bench, args.quick, args.repeat),
+            }
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    result["sizes"] = dataclasses.asdict(sizes)
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    if not args.json_only:
+        print(render(result, args_list))
+        print(f"(whole run: {result['wall_seconds']:.0f} s)")
+    print(json.dumps(result, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
