@@ -21,10 +21,10 @@ its PID when its measurement ends. Side by side, on the same Redis and the same 
 
 It prints a table, then one JSON line with every figure and ratio (``--json-only``: only that).
 ``--repeat N`` makes every end-to-end measurement N times, in turn, and reports the medians: on a
-small machine single runs vary by 10-15%. The fake server gets Nagle's algorithm turned off on its
-sockets (socketserver's ``disable_nagle_algorithm``): as shipped it writes an answer's headers and
-body in two ``send()`` calls, and the body then waits about 40 ms for the client's delayed ACK.
-``--stock-fake`` leaves it as shipped.
+small machine single runs vary by 10-15%. The fake server must answer without Nagle's delay
+(socketserver's ``disable_nagle_algorithm``, which it now sets itself; the benchmark makes sure):
+it writes an answer's headers and body in two ``send()`` calls, and with Nagle's algorithm the
+body waits about 40 ms for the client's delayed ACK. ``--stock-fake`` leaves the handler alone.
 
 This file is also the module the baseline workers import: ``celery -A bench worker`` runs
 ``bench.post_event`` on an app with metrix-s2s's own configuration, ``celery -A
@@ -301,7 +301,7 @@ class Bench:
         # The fake writes an answer's headers and its body in two send() calls; with Nagle's
         # algorithm on, the body waits for the client's delayed ACK, about 40 ms on Linux, on
         # every request of a kept-alive connection. socketserver's own switch turns it off, so
-        # that "0 ms" means what it says (--stock-fake measures the fake as it ships).
+        # that "0 ms" means what it says (--stock-fake leaves the handler's own setting, which is now the same).
         fakeserver._Handler.disable_nagle_algorithm = self.nodelay
         try:
             self.redis_server = self._stack.enter_context(EmbeddedRedis())
