@@ -301,7 +301,7 @@ class Bench:
         # The fake writes an answer's headers and its body in two send() calls; with Nagle's
         # algorithm on, the body waits for the client's delayed ACK, about 40 ms on Linux, on
         # every request of a kept-alive connection. socketserver's own switch turns it off, so
-        # that "0 ms" means what it says (--stock-fake leaves the handler's own setting, which is now the same).
+        # that "0 ms" means what it says (--stock-fake keeps the handler's own setting).
         fakeserver._Handler.disable_nagle_algorithm = self.nodelay
         try:
             self.redis_server = self._stack.enter_context(EmbeddedRedis())
