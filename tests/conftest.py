@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +65,23 @@ def unavailable(what: str) -> None:
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
         pytest.fail(f"{what} is required under CI=true but could not be had", pytrace=False)
     pytest.skip(f"{what} is not available")
+
+
+# Keep metrix-s2s's embedded default out of the home directory for the whole run (set before
+# collection, which can resolve send_metrix_event), and stop it at the end if anything started it.
+_DATA_DIR = tempfile.mkdtemp(prefix="metrix-test-data-")
+os.environ["METRIX_DATA_DIR"] = _DATA_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_dir() -> Iterator[None]:
+    from metrix_s2s.embedded import stop_embedded
+
+    try:
+        yield
+    finally:
+        stop_embedded(_DATA_DIR)
+        shutil.rmtree(_DATA_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

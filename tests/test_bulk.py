@@ -1,4 +1,8 @@
-"""The bulk path: many events in one task, each with its own outcome, ledger entry and budget."""
+"""The bulk path: many events in one task, each with its own outcome, ledger entry and budget.
+
+(``tasks.send_metrix_events`` is looked up at call time: a module-level name would be resolved by
+pytest's collection, before the test environment is set.)
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import redis
 from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
-from metrix_s2s import InvalidEvent, operations, send_metrix_events
+from metrix_s2s import InvalidEvent, operations, tasks
 from metrix_s2s import settings as settings_module
 from metrix_s2s.deadletter import DeadLetterStore, Reason
 from metrix_s2s.schema import now_ms
@@ -37,7 +41,7 @@ def test_a_batch_is_delivered_event_by_event(
 ) -> None:  # fmt: skip
     start_worker(fake_metrix.url)
     events = batch(30)
-    result = send_metrix_events.delay(APP_ID, events)
+    result = tasks.send_metrix_events.delay(APP_ID, events)
     assert len(result.event_ids) == 30
     assert fake_metrix.wait_for(30, timeout=30)
     assert users(fake_metrix.accepted) == {f"u{i}": 1 for i in range(30)}
@@ -54,7 +58,7 @@ def test_a_large_list_is_split_into_batches(
     monkeypatch.setenv("METRIX_BULK_MAX", "4")
     settings_module.configure(None)
     try:
-        result = send_metrix_events.delay(APP_ID, batch(10))
+        result = tasks.send_metrix_events.delay(APP_ID, batch(10))
     finally:
         monkeypatch.undo()
         settings_module.configure(None)
@@ -74,7 +78,7 @@ def test_one_invalid_event_refuses_the_whole_list_and_publishes_nothing(
     events = batch(3)
     events[1]["eventTime"] = 1570274953
     with pytest.raises(InvalidEvent) as caught:
-        send_metrix_events.delay(APP_ID, events)
+        tasks.send_metrix_events.delay(APP_ID, events)
     assert list(caught.value.messages) == ["1"]
     assert "looks like seconds" in str(caught.value)
     assert redis_client.llen(QUEUE) == 0
@@ -88,7 +92,7 @@ def test_partial_failures_retry_only_the_failed_events(
     fake_metrix.inject(400, count=1)
     fake_metrix.inject(503, count=3)
     start_worker(fake_metrix.url)
-    result = send_metrix_events.delay(APP_ID, batch(20))
+    result = tasks.send_metrix_events.delay(APP_ID, batch(20))
     dlq = DeadLetterStore(redis_client, prefix="metrix", retention_s=3600, max_entries=100)
     # Then the rejected one is dead-lettered on its own, and all the others are delivered once
     assert wait_until(lambda: len(fake_metrix.accepted) == 19, timeout=30)
@@ -124,7 +128,7 @@ def test_the_ledger_keeps_bulk_and_single_tasks_from_sending_twice(
 def test_the_reconciler_sees_events_queued_in_a_batch(
     producer_env: None, redis_client: redis.Redis
 ) -> None:
-    send_metrix_events.delay(APP_ID, batch(5))
+    tasks.send_metrix_events.delay(APP_ID, batch(5))
     settings = dataclasses.replace(settings_module.get_settings(), pending_max_age_s=0)
     report = operations.reconciler(settings).run(now=now_ms() + 1)
     assert (report.examined, report.in_broker, report.requeued) == (5, 5, 0)
