@@ -89,8 +89,8 @@ class Deliverer:
             settings.base_url,
             connect_timeout_s=settings.connect_timeout_s,
             read_timeout_s=settings.read_timeout_s,
-            # every bulk thread of every task running at once may hold a connection
-            pool_size=min(1000, pool_size * max(1, settings.bulk_concurrency)),
+            # the worker's own threads, plus the one bulk pool this process shares across batches
+            pool_size=pool_size + settings.bulk_concurrency,
         )
         self._rand = rand
         self._limits: dict[str, Limits] = {}
