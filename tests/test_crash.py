@@ -115,7 +115,7 @@ def test_chaos_repeated_sigkills_while_thousands_of_events_flow(
     redis_client: redis.Redis,
 ) -> None:
     # Given two workers, a beat running the reconciler, and thousands of events
-    events, kills, concurrency = 4000, 4, 8
+    events, kills, concurrency = 6000, 4, 8
     env = CRASH_ENV | {"METRIX_RATE_LIMIT": "100000/s"}
     fake_metrix.set_latency(0.04)  # at most 16 / 0.04 = 400 events/s: kills land mid-flow
     workers = [start_worker(fake_metrix.url, concurrency=concurrency, **env) for _ in range(2)]
