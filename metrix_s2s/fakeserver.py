@@ -265,6 +265,7 @@ class FakeMetrix:
         self._faults: list[_Fault] = []
         self._latency = 0.0
         self._received: list[Received] = []
+        self._connections = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         for app_id, dev_key in apps.items():
@@ -390,13 +391,25 @@ class FakeMetrix:
             self._faults.clear()
 
     def reset(self) -> None:
-        """Clear the faults, the latency and the recorded requests (apps are kept)."""
+        """Clear the faults, the latency, the recorded requests and the connection count (apps
+        are kept)."""
         with self._lock:
             self._faults.clear()
             self._latency = 0.0
             self._received.clear()
+            self._connections = 0
 
     # -- what was received -----------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted since the start (or the last :meth:`reset`)."""
+        with self._lock:
+            return self._connections
+
+    def _connection_opened(self) -> None:
+        with self._lock:
+            self._connections += 1
 
     @property
     def requests(self) -> list[Received]:
@@ -495,6 +508,7 @@ class _Server(ThreadingHTTPServer):
     def track(self, connection: socket.socket) -> None:
         with self._connections_lock:
             self._connections.add(connection)
+        self.fake._connection_opened()
 
     def untrack(self, connection: socket.socket) -> None:
         with self._connections_lock:
