@@ -8,9 +8,11 @@ decision onto Celery (return, ``retry``), so this module is where the reliabilit
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -26,7 +28,7 @@ from .backoff import retry_delay
 from .client import DEFAULT_POOL_SIZE, MetrixClient
 from .deadletter import DeadLetterStore, Reason
 from .errors import InvalidEvent, format_messages
-from .ledger import Claim, ClaimState, Ledger, Limits
+from .ledger import Claim, ClaimState, Finish, Ledger, Limits
 from .logs import log_outcome
 from .outcome import Kind, Outcome
 from .ratelimit import RateLimit
@@ -38,6 +40,11 @@ logger = logging.getLogger("metrix_s2s.delivery")
 
 #: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
 GUARD_MARGIN_S = 2.0
+#: Seconds a batch waits in the worker, in all, for rate-limit slots and 429 pauses before it
+#: hands the rest of its events back to the queue.
+BULK_PACE_S = 5.0
+#: Seconds a batch's thread lets finished sends gather before recording them in one round trip.
+GROUP_COMMIT_S = 0.002
 
 _KIND_TO_REASON = {Kind.REJECTED: Reason.REJECTED, Kind.CONFIG: Reason.CONFIG}
 
@@ -59,6 +66,21 @@ class Result:
     countdown_s: float = 0.0
     outcome: Outcome | None = None
     reason: Reason | None = None
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """How one attempt ends: its result, the ledger's record of it and, for a dead letter, what
+    the store keeps. Written by :meth:`Deliverer._conclude` (one event) or ``_conclude_many``."""
+
+    event_id: str
+    event: Any
+    result: Result
+    finish: Finish
+    pause_ms: int = 0
+    latency_ms: float = 0.0
+    detail: str = ""
+    fingerprint: str = ""
 
 
 class Deliverer:
@@ -100,20 +122,15 @@ class Deliverer:
         # A deferral's countdown stays within what the visibility timeout was sized for.
         self._max_defer_s = settings.retry.longest_wait_s
 
+    # -- one event -------------------------------------------------------------------------
+
     def deliver(self, app_id: Any, event: Any, event_id: str) -> Result:
         """Make one attempt at delivering ``event`` for ``app_id``; never raises for a bad event
         or a bad answer (only for Redis being unreachable)."""
-        try:
-            if not isinstance(app_id, str) or not app_id.strip():
-                raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
-            normalized = validate_event(event)
-        except InvalidEvent as exc:
-            detail = format_messages(exc.messages)
-            return self._dead(app_id, event, event_id, Reason.INVALID, detail=detail)
-        app = self.settings.app(app_id)
-        if app is None:
-            detail = f"app {app_id!r} is not configured in METRIX_APPS on the worker"
-            return self._dead(app_id, normalized, event_id, Reason.CONFIG, detail=detail)
+        checked = self._check(app_id, event, event_id)
+        if isinstance(checked, _Decision):
+            return self._conclude(str(app_id), checked)
+        app, normalized = checked
 
         token = uuid.uuid4().hex
         claim = self._claim(event_id, token, app)
@@ -125,40 +142,90 @@ class Deliverer:
             # without spending an attempt.
             log_outcome(logging.INFO, f"defer:{claim.state}", app_id, event_id, 0, None, 0.0)
             return self._defer(claim.wait_ms, lined_up=claim.state is ClaimState.LIMITED)
+        poison = self._poison(app, normalized, event_id, token, claim)
+        if poison is not None:
+            return self._conclude(app_id, poison)
+        sent = self._send(app, normalized, event_id, token, claim)
+        if isinstance(sent, Result):
+            return sent
+        return self._conclude(app_id, self._decide(app, normalized, event_id, token, claim, *sent))
+
+    def _check(self, app_id: Any, event: Any, event_id: str) -> tuple[AppConfig, Any] | _Decision:
+        """The app's configuration and the validated event, or the dead letter of a bad one."""
+        try:
+            if not isinstance(app_id, str) or not app_id.strip():
+                raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+            normalized = validate_event(event)
+        except InvalidEvent as exc:
+            detail = format_messages(exc.messages)
+            return self._dead(app_id, event, event_id, Reason.INVALID, detail=detail)
+        app = self.settings.app(app_id)
+        if app is None:
+            detail = f"app {app_id!r} is not configured in METRIX_APPS on the worker"
+            return self._dead(app_id, normalized, event_id, Reason.CONFIG, detail=detail)
+        return app, normalized
+
+    def _poison(
+        self, app: AppConfig, event: Any, event_id: str, token: str, claim: Claim
+    ) -> _Decision | None:
+        """The dead letter of an event claimed more often than any verdict allows, if it is."""
+        attempt = claim.attempt
+        if attempt <= self.settings.retry.max_attempts + self.settings.max_redeliveries:
+            return None
+        detail = (
+            f"claimed {attempt - 1} times without a verdict: the worker keeps dying or "
+            "timing out on this event"
+        )
+        return self._dead(
+            app.app_id,
+            event,
+            event_id,
+            Reason.POISON,
+            detail=detail,
+            attempts=attempt - 1,
+            token=token,
+            fingerprint=app.key_fingerprint,
+        )
+
+    def _send(
+        self, app: AppConfig, event: Any, event_id: str, token: str, claim: Claim
+    ) -> tuple[Outcome, float] | Result:
+        """Wait for the claim's rate-limit slot, then POST: the outcome and its latency in ms, or
+        a deferral when a 429 paused the app during the wait."""
         if claim.wait_ms:
             time.sleep(claim.wait_ms / 1000)  # our reserved rate-limit slot
-            paused_ms = self.ledger.pause_left_ms(app_id)
+            paused_ms = self.ledger.pause_left_ms(app.app_id)
             if paused_ms:  # a 429 arrived while we waited: honour it, spend nothing
-                self.ledger.unclaim(event_id, token, app_id)
+                self.ledger.unclaim(event_id, token, app.app_id)
                 return self._defer(paused_ms)
-
-        policy = self.settings.retry
-        attempt = claim.attempt
-        if attempt > policy.max_attempts + self.settings.max_redeliveries:
-            detail = (
-                f"claimed {attempt - 1} times without a verdict: the worker keeps dying or "
-                "timing out on this event"
-            )
-            return self._dead(
-                app_id,
-                normalized,
-                event_id,
-                Reason.POISON,
-                detail=detail,
-                attempts=attempt - 1,
-                token=token,
-                fingerprint=app.key_fingerprint,
-            )
-
         started = time.perf_counter()
-        outcome = self.client.send(app_id, app.dev_key, normalized)
-        latency_ms = (time.perf_counter() - started) * 1000
+        outcome = self.client.send(app.app_id, app.dev_key, event)
+        return outcome, (time.perf_counter() - started) * 1000
 
+    def _decide(
+        self,
+        app: AppConfig,
+        event: Any,
+        event_id: str,
+        token: str,
+        claim: Claim,
+        outcome: Outcome,
+        latency_ms: float,
+    ) -> _Decision:
+        """What Metrix's answer to an attempt means: delivered, retry, or a dead letter."""
+        attempt = claim.attempt
         if outcome.delivered:
-            self.ledger.delivered(event_id, token, app_id, outcome.status, now_ms())
-            log_outcome(logging.INFO, "delivered", app_id, event_id, attempt, outcome, latency_ms)
-            return Result(Action.DELIVERED, attempt=attempt, outcome=outcome)
-
+            value = f"{outcome.status or 0}:{now_ms()}"
+            return _Decision(
+                event_id,
+                event,
+                Result(Action.DELIVERED, attempt=attempt, outcome=outcome),
+                Finish(event_id, token, "delivered", value),
+                latency_ms=latency_ms,
+            )
+        policy = self.settings.retry
+        reason = _KIND_TO_REASON.get(outcome.kind, Reason.EXHAUSTED)
+        detail = outcome.detail
         if outcome.kind is Kind.RETRYABLE:
             delay = retry_delay(
                 attempt,
@@ -170,38 +237,64 @@ class Deliverer:
             )
             out_of_time = claim.elapsed_s + delay > policy.retry_window_s
             if attempt < policy.max_attempts and not out_of_time:
-                self.ledger.release(event_id, token, app_id, pause_ms=self._pause_ms(outcome))
-                log_outcome(
-                    logging.WARNING, "retry", app_id, event_id, attempt, outcome, latency_ms
+                return _Decision(
+                    event_id,
+                    event,
+                    Result(Action.RETRY, attempt=attempt, countdown_s=delay, outcome=outcome),
+                    Finish(event_id, token, "retry"),
+                    pause_ms=self._pause_ms(outcome),
+                    latency_ms=latency_ms,
                 )
-                return Result(Action.RETRY, attempt=attempt, countdown_s=delay, outcome=outcome)
             why = "attempts" if attempt >= policy.max_attempts else "retry window"
             detail = f"{outcome.detail}; gave up after {attempt} attempts ({why} exhausted)"
-            return self._dead(
-                app_id,
-                normalized,
-                event_id,
-                Reason.EXHAUSTED,
-                outcome=outcome,
-                detail=detail,
-                attempts=attempt,
-                token=token,
-                fingerprint=app.key_fingerprint,
-                latency_ms=latency_ms,
-            )
-
         return self._dead(
-            app_id,
-            normalized,
+            app.app_id,
+            event,
             event_id,
-            _KIND_TO_REASON[outcome.kind],
+            reason,
             outcome=outcome,
-            detail=outcome.detail,
+            detail=detail,
             attempts=attempt,
             token=token,
             fingerprint=app.key_fingerprint,
             latency_ms=latency_ms,
         )
+
+    def _conclude(self, app_id: str, decision: _Decision) -> Result:
+        """Write one decision: its dead letter if any, then the ledger, then the log line."""
+        return self._conclude_many(app_id, [decision])[0]
+
+    def _conclude_many(self, app_id: str, decisions: list[_Decision]) -> list[Result]:
+        """Write the decisions of one app's events: dead letters one by one, then the ledger in
+        one round trip (so a dead letter is stored before its event's guard is released)."""
+        for d in decisions:
+            if d.result.action is Action.DEAD_LETTERED:
+                outcome = d.result.outcome
+                self.dead_letters.add(
+                    event_id=d.event_id,
+                    app_id=app_id,
+                    event=d.event,
+                    reason=d.result.reason or Reason.POISON,
+                    now_ms=now_ms(),
+                    status=outcome.status if outcome else None,
+                    excerpt=outcome.excerpt if outcome else "",
+                    detail=d.detail,
+                    attempts=d.result.attempt,
+                    key_fingerprint=d.fingerprint,
+                )
+        pause_ms = max(d.pause_ms for d in decisions)
+        self.ledger.finish_many(app_id, [d.finish for d in decisions], pause_ms)
+        for d in decisions:
+            result = d.result
+            label, level = result.action.value, logging.INFO
+            if result.action is Action.RETRY:
+                level = logging.WARNING
+            elif result.action is Action.DEAD_LETTERED:
+                label, level = f"dead_lettered:{result.reason}", logging.ERROR
+            log_outcome(
+                level, label, app_id, d.event_id, result.attempt, result.outcome, d.latency_ms
+            )
+        return [d.result for d in decisions]
 
     def _claim(self, event_id: str, token: str, app: AppConfig) -> Claim:
         """Claim the event; a short 429 pause is waited out here rather than re-scheduled."""
@@ -246,46 +339,13 @@ class Deliverer:
             wanted = self.settings.pause_default_s
         return int(min(wanted, policy.retry_after_max_s) * 1000)
 
-    def deliver_many(
-        self, app_id: Any, items: list[tuple[str, Any]]
-    ) -> list[tuple[str, Any, Result | None]]:
-        """:meth:`deliver` for many events at once, concurrently (``METRIX_BULK_CONCURRENCY``).
-
-        Each outcome is ``(event_id, event, result)``; ``result`` is ``None`` when Redis could not
-        be reached for that event (nothing was decided: try it again later).
-        """
-
-        def one(item: tuple[str, Any]) -> tuple[str, Any, Result | None]:
-            event_id, event = item
-            try:
-                return event_id, event, self.deliver(app_id, event, event_id)
-            except redis.RedisError:
-                return event_id, event, None
-            except Exception as exc:
-                logger.exception("event %s: unexpected error while delivering", event_id)
-                try:
-                    return event_id, event, self.dead_letter_error(app_id, event, event_id, exc)
-                except redis.RedisError:
-                    return event_id, event, None
-
-        if len(items) == 1:
-            return [one(items[0])]
-        return list(self._executor().map(one, items))
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool_pid != os.getpid():
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.settings.bulk_concurrency, thread_name_prefix="metrix-bulk"
-            )
-            self._pool_pid = os.getpid()
-        return self._pool
-
     def dead_letter_error(
-        self, app_id: Any, event: Any, event_id: str, exc: BaseException
+        self, app_id: Any, event: Any, event_id: str, exc: BaseException, token: str = ""
     ) -> Result:
         """Park an event whose delivery failed inside the worker (a bug, not Metrix's answer)."""
         detail = f"internal error: {type(exc).__name__}: {exc}"[:500]
-        return self._dead(app_id, event, event_id, Reason.POISON, detail=detail)
+        dead = self._dead(app_id, event, event_id, Reason.POISON, detail=detail, token=token)
+        return self._conclude(str(app_id), dead)
 
     def _dead(
         self,
@@ -300,32 +360,236 @@ class Deliverer:
         token: str = "",
         fingerprint: str = "",
         latency_ms: float = 0.0,
-    ) -> Result:
-        self.dead_letters.add(
-            event_id=event_id,
-            app_id=str(app_id),
-            event=event,
-            reason=reason,
-            now_ms=now_ms(),
-            status=outcome.status if outcome else None,
-            excerpt=outcome.excerpt if outcome else "",
-            detail=detail,
-            attempts=attempts,
-            key_fingerprint=fingerprint,
-        )
-        self.ledger.release(
-            event_id, token, str(app_id), final=True, pause_ms=self._pause_ms(outcome)
-        )
-        log_outcome(
-            logging.ERROR,
-            f"dead_lettered:{reason}",
-            app_id,
+    ) -> _Decision:
+        return _Decision(
             event_id,
-            attempts,
-            outcome,
-            latency_ms,
+            event,
+            Result(Action.DEAD_LETTERED, attempt=attempts, outcome=outcome, reason=reason),
+            Finish(event_id, token, "final"),
+            pause_ms=self._pause_ms(outcome),
+            latency_ms=latency_ms,
+            detail=detail,
+            fingerprint=fingerprint,
         )
-        return Result(Action.DEAD_LETTERED, attempt=attempts, outcome=outcome, reason=reason)
+
+    # -- many events -----------------------------------------------------------------------
+
+    def deliver_many(
+        self, app_id: Any, items: list[tuple[str, Any]]
+    ) -> list[tuple[str, Any, Result | None]]:
+        """:meth:`deliver` for many events of one app at once: see :class:`_Batch`.
+
+        Each outcome is ``(event_id, event, result)``; ``result`` is ``None`` when Redis could not
+        be reached for that event (nothing was decided: try it again later).
+        """
+        results: list[Result | None] = [None] * len(items)
+        ready: list[_Entry] = []
+        app: AppConfig | None = None
+        try:
+            for index, (event_id, event) in enumerate(items):
+                checked = self._check(app_id, event, event_id)
+                if isinstance(checked, _Decision):
+                    results[index] = self._conclude(str(app_id), checked)
+                else:
+                    app = checked[0]
+                    ready.append(_Entry(index, event_id, checked[1]))
+        except redis.RedisError:
+            return [(event_id, event, None) for event_id, event in items]
+        if app is not None and ready:
+            _Batch(self, app, ready, results).run()
+        return [(event_id, event, results[i]) for i, (event_id, event) in enumerate(items)]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.settings.bulk_concurrency, thread_name_prefix="metrix-bulk"
+            )
+            self._pool_pid = os.getpid()
+        return self._pool
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One valid event of a batch: its place in the batch, its id, its normalised body."""
+
+    index: int
+    event_id: str
+    event: Any
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A finished send of a batch, handed from a sending thread to the batch's own thread."""
+
+    entry: _Entry
+    token: str
+    claim: Claim
+    outcome: tuple[Outcome, float] | Result | BaseException
+
+
+class _Batch:
+    """One app's events, delivered up to ``METRIX_BULK_CONCURRENCY`` at a time.
+
+    The batch's own thread (the task's) claims events in groups, as many as there are free places
+    (one ledger round trip per group), and hands each claimed event to the process's sending
+    threads, which only wait for the event's rate-limit slot and POST it. Finished sends come
+    back to the batch's thread, which decides each one as :meth:`Deliverer.deliver` would and
+    records all that finished together in one round trip: a delivered event is in the ledger a
+    few milliseconds after Metrix answered. Redis is thus touched a few times per group of events
+    rather than twice per event, and the sending threads never wait for it.
+
+    Without a rate-limit slot, the batch waits in the worker for at most :data:`BULK_PACE_S` in
+    all, then hands the rest back (deferred); a 429 pause likewise. After
+    :attr:`Settings.soft_time_limit_s` it claims nothing more, so that a batch's run stays within
+    its task's time limit; what it did not claim is deferred with no wait.
+    """
+
+    def __init__(
+        self, deliverer: Deliverer, app: AppConfig, entries: list[_Entry], results: list[Any]
+    ) -> None:
+        self.d = deliverer
+        self.app = app
+        self.todo = collections.deque(entries)
+        self.results = results
+        self.done: queue.SimpleQueue[_Sent] = queue.SimpleQueue()
+        self.in_flight = 0
+        self.width = deliverer.settings.bulk_concurrency
+        started = time.monotonic()
+        self.stop_claiming_at = started + deliverer.settings.soft_time_limit_s
+        self.pace_left_s = BULK_PACE_S
+        self.resume_at = 0.0
+        self.broken = False
+
+    def run(self) -> None:
+        executor = self.d._executor()
+        while self.todo or self.in_flight:
+            now = time.monotonic()
+            can_claim = bool(self.todo) and not self.broken
+            room = self.width - self.in_flight >= max(1, self.width // 4) or not self.in_flight
+            if can_claim and room and now >= self.resume_at:
+                if now >= self.stop_claiming_at:
+                    self._defer_rest(0)
+                else:
+                    self._claim(executor, self.width - self.in_flight)
+            elif self.in_flight:
+                # Until a send finishes, or until the app may be claimed from again.
+                self._collect(self.resume_at - now if can_claim and room else None)
+            elif can_claim:
+                time.sleep(self.resume_at - now)
+            else:
+                break  # Redis failed: the rest stays undecided
+
+    def _claim(self, executor: ThreadPoolExecutor, free: int) -> None:
+        group = [self.todo.popleft() for _ in range(min(free, len(self.todo)))]
+        tokens = [uuid.uuid4().hex for _ in group]
+        try:
+            claims = self.d.ledger.claim_many(
+                list(zip((e.event_id for e in group), tokens, strict=True)),
+                self.app.app_id,
+                self.d._limits_for(self.app),
+            )
+        except redis.RedisError:
+            self.broken = True  # nothing decided for the rest: the task tries them again
+            return
+        poisoned: list[tuple[int, _Decision]] = []
+        held: list[_Entry] = []
+        wait_ms = 0
+        for entry, token, claim in zip(group, tokens, claims, strict=True):
+            if claim.state is ClaimState.OK:
+                poison = self.d._poison(self.app, entry.event, entry.event_id, token, claim)
+                if poison is not None:
+                    poisoned.append((entry.index, poison))
+                    continue
+                self.in_flight += 1
+                executor.submit(self._send, entry, token, claim)
+            elif claim.state is ClaimState.DELIVERED:
+                log_outcome(logging.INFO, "duplicate", self.app.app_id, entry.event_id, 0, None, 0)
+                self.results[entry.index] = Result(Action.DUPLICATE)
+            elif claim.state is ClaimState.BUSY:
+                log_outcome(logging.INFO, "defer:busy", self.app.app_id, entry.event_id, 0, None, 0)
+                self.results[entry.index] = self.d._defer(claim.wait_ms)
+            else:  # paused or limited: this event and the rest wait for the app
+                held.append(entry)
+                wait_ms = max(wait_ms, claim.wait_ms)
+        if poisoned:
+            self._write(poisoned)
+        if held:
+            self.todo.extendleft(reversed(held))
+            wait_s = wait_ms / 1000
+            if wait_s <= self.pace_left_s:
+                self.pace_left_s -= wait_s
+                self.resume_at = time.monotonic() + wait_s
+            else:
+                self._defer_rest(wait_ms)
+
+    def _send(self, entry: _Entry, token: str, claim: Claim) -> None:
+        """In a sending thread: wait for the slot, POST, hand the outcome back."""
+        outcome: tuple[Outcome, float] | Result | BaseException
+        try:
+            outcome = self.d._send(self.app, entry.event, entry.event_id, token, claim)
+        except Exception as exc:  # handed to the batch's thread, which decides what it means
+            outcome = exc
+        self.done.put(_Sent(entry, token, claim, outcome))
+
+    def _collect(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for a send to finish, then take every other one that has
+        finished meanwhile, and record them together."""
+        try:
+            finished = [self.done.get(timeout=timeout)]
+        except queue.Empty:
+            return
+        if self.in_flight > 1:
+            time.sleep(GROUP_COMMIT_S)  # let a few more finish, to record them together
+        while True:
+            try:
+                finished.append(self.done.get_nowait())
+            except queue.Empty:
+                break
+        self.in_flight -= len(finished)
+        decisions: list[tuple[int, _Decision]] = []
+        for sent in finished:
+            entry, outcome = sent.entry, sent.outcome
+            if isinstance(outcome, Result):  # paused while waiting for its slot: unclaimed
+                self.results[entry.index] = outcome
+            elif isinstance(outcome, redis.RedisError):
+                self.broken = True  # nothing decided: the task tries it again
+            elif isinstance(outcome, BaseException):
+                logger.error(
+                    "event %s: unexpected error while delivering",
+                    entry.event_id,
+                    exc_info=outcome,
+                )
+                detail = f"internal error: {type(outcome).__name__}: {outcome}"[:500]
+                dead = self.d._dead(
+                    self.app.app_id,
+                    entry.event,
+                    entry.event_id,
+                    Reason.POISON,
+                    detail=detail,
+                    token=sent.token,
+                )
+                decisions.append((entry.index, dead))
+            else:
+                decision = self.d._decide(
+                    self.app, entry.event, entry.event_id, sent.token, sent.claim, *outcome
+                )
+                decisions.append((entry.index, decision))
+        if decisions:
+            self._write(decisions)
+
+    def _write(self, decisions: list[tuple[int, _Decision]]) -> None:
+        try:
+            results = self.d._conclude_many(self.app.app_id, [d for _, d in decisions])
+        except redis.RedisError:
+            self.broken = True  # not recorded: these are tried again (Metrix may count twice)
+            return
+        for (index, _), result in zip(decisions, results, strict=True):
+            self.results[index] = result
+
+    def _defer_rest(self, wait_ms: int) -> None:
+        for entry in self.todo:
+            self.results[entry.index] = self.d._defer(wait_ms)
+        self.todo.clear()
 
 
 _lock = threading.Lock()

@@ -4,7 +4,10 @@ Metrix's legacy endpoint has no idempotency key, so this ledger is the only defe
 duplicates when a message is delivered twice (a worker killed after taking a message, a broker
 redelivery, a re-drive or a reconciler copy racing a late original). One script runs before the
 POST (:meth:`Ledger.claim`: ledger check, in-flight guard, 429 pause, rate limit, attempt count)
-and one after (:meth:`Ledger.finish`), so a delivery costs two Redis round trips.
+and one after (:meth:`Ledger.finish`), so a delivery costs two Redis round trips. The same two
+scripts take many events of one app at once (:meth:`Ledger.claim_many`, :meth:`Ledger.finish_many`),
+so a batch of the bulk path costs a few round trips in all, not two per event. The scripts build
+the per-event key names from the prefix, so every key must live on one Redis (no Cluster).
 
 Keys (``P`` is ``METRIX_KEY_PREFIX``, default ``metrix``)::
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,90 +38,124 @@ import redis
 
 from .ratelimit import GCRA_LUA, RateLimit
 
-# KEYS: delivered, inflight, attempts, pending, pause, app bucket, overall bucket, app's later line.
-# ARGV: token, guard ttl ms, attempts ttl s, event id, app emission us, app tolerance us,
-#       overall emission us (0: none), overall tolerance us, max wait us.
-# Returns {state, value, first attempt ms, now ms, wait ms}.
+# Claims one or more events of one app, in order.
+# KEYS: pending, pause, app bucket, overall bucket, app's later line.
+# ARGV: prefix, guard ttl ms, attempts ttl s, app emission us, app tolerance us, overall emission
+#       us (0: none), overall tolerance us, max wait us, line, then event id / token pairs.
+# An event without a rate-limit slot within max wait gets, with line = 1, a place in the app's
+# line of deferred events; with line = 0, it and every event after it come back 'limited' with
+# the time until the next slot, and nothing is reserved for them.
+# Returns now ms, then {state, value, first attempt ms, wait ms} for each event.
 _CLAIM = (
     GCRA_LUA
     + """
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local now = math.floor(now_us / 1000)
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'delivered', 0, 0, now, 0}
+local p = ARGV[1]
+local app_emission, app_tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
+local overall, overall_tolerance = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_wait = tonumber(ARGV[8])
+local paused = redis.call('PTTL', KEYS[2])
+local stopped = nil
+local out = {now}
+local function put(state, value, first, wait)
+  out[#out + 1] = state
+  out[#out + 1] = value
+  out[#out + 1] = first
+  out[#out + 1] = wait
 end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then
-  return {'busy', redis.call('PTTL', KEYS[2]), 0, now, 0}
+for i = 10, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local guard = p .. ':inflight:' .. id
+  local holder = redis.call('GET', guard)
+  if redis.call('EXISTS', p .. ':delivered:' .. id) == 1 then
+    put('delivered', 0, 0, 0)
+  elseif holder and holder ~= token then
+    put('busy', redis.call('PTTL', guard), 0, 0)
+  elseif paused > 0 then
+    put('paused', paused, 0, 0)
+  elseif stopped then
+    put('limited', stopped, 0, stopped)
+  else
+    local wait, tat = gcra(KEYS[3], app_emission, app_tolerance, now_us)
+    local overall_tat = 0
+    if overall > 0 then
+      local overall_wait
+      overall_wait, overall_tat = gcra(KEYS[4], overall, overall_tolerance, now_us)
+      if overall_wait > wait then wait = overall_wait end
+    end
+    if wait > max_wait and ARGV[9] == '1' then
+      -- No slot soon: a place in the app's line of deferred events instead, one emission
+      -- interval after the last, so that deferred events come back spread out rather than all
+      -- at once (they claim a real slot when they come back).
+      local start = now_us + wait
+      local later = tonumber(redis.call('GET', KEYS[5]) or '0')
+      if later > start then start = later end
+      local slot = start + app_emission
+      store_tat(KEYS[5], slot, now_us)
+      local later_ms = math.ceil((slot - now_us) / 1000)
+      put('limited', later_ms, 0, later_ms)
+    elseif wait > max_wait then
+      stopped = math.ceil((wait - max_wait) / 1000)
+      put('limited', stopped, 0, stopped)
+    else
+      local wait_ms = math.ceil(wait / 1000)
+      local attempts = p .. ':attempts:' .. id
+      store_tat(KEYS[3], tat, now_us)
+      if overall > 0 then store_tat(KEYS[4], overall_tat, now_us) end
+      redis.call('SET', guard, token, 'PX', tonumber(ARGV[2]) + wait_ms)
+      local n = redis.call('HINCRBY', attempts, 'n', 1)
+      redis.call('HSETNX', attempts, 'first', now)
+      redis.call('EXPIRE', attempts, ARGV[3])
+      redis.call('ZADD', KEYS[1], 'XX', now, id)
+      put('ok', n, tonumber(redis.call('HGET', attempts, 'first')), wait_ms)
+    end
+  end
 end
-local paused = redis.call('PTTL', KEYS[5])
-if paused > 0 then
-  return {'paused', paused, 0, now, 0}
-end
-local wait, tat = gcra(KEYS[6], tonumber(ARGV[5]), tonumber(ARGV[6]), now_us)
-local overall = tonumber(ARGV[7])
-local overall_tat = 0
-if overall > 0 then
-  local overall_wait
-  overall_wait, overall_tat = gcra(KEYS[7], overall, tonumber(ARGV[8]), now_us)
-  if overall_wait > wait then wait = overall_wait end
-end
-if wait > tonumber(ARGV[9]) then
-  -- No slot soon: give the caller a place in the app's line of deferred events instead, one
-  -- emission interval after the last, so that deferred events come back spread out rather than
-  -- all at once (they claim a real slot when they come back).
-  local start = now_us + wait
-  local later = tonumber(redis.call('GET', KEYS[8]) or '0')
-  if later > start then start = later end
-  local slot = start + tonumber(ARGV[5])
-  store_tat(KEYS[8], slot, now_us)
-  local later_ms = math.ceil((slot - now_us) / 1000)
-  return {'limited', later_ms, 0, now, later_ms}
-end
-local wait_ms = math.ceil(wait / 1000)
-store_tat(KEYS[6], tat, now_us)
-if overall > 0 then store_tat(KEYS[7], overall_tat, now_us) end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', tonumber(ARGV[2]) + wait_ms)
-local n = redis.call('HINCRBY', KEYS[3], 'n', 1)
-redis.call('HSETNX', KEYS[3], 'first', now)
-redis.call('EXPIRE', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[4], 'XX', now, ARGV[4])
-return {'ok', n, tonumber(redis.call('HGET', KEYS[3], 'first')), now, wait_ms}
+return out
 """
 )
 
-# KEYS: delivered, inflight, attempts, pending, pending msgs, pause, redriven.
-# ARGV: token, mode, value, ledger ttl s, event id, pause ms.
-# mode "delivered": record the delivery and forget the event everywhere else; "final" (it was
-# dead-lettered): forget its attempts and pending record; "retry": keep them and mark it seen;
+# Records the end of one or more attempts of one app's events.
+# KEYS: pending, pending msgs, redriven, pause.
+# ARGV: prefix, ledger ttl s, pause ms, then event id / token / mode / value quadruples.
+# mode "delivered": record the delivery (value) and forget the event everywhere else; "final" (it
+# was dead-lettered): forget its attempts and pending record; "retry": keep them and mark it seen;
 # "undo": as "retry", and take back the attempt the claim counted (nothing was sent).
-# A pause (after a 429) is lengthened, never shortened. Always releases the guard if this attempt
-# still holds it, and returns 1 when it did.
+# A pause (after a 429) is lengthened, never shortened. Releases each guard this attempt still
+# holds, and returns how many it released.
 _FINISH = """
-local id = ARGV[5]
-if ARGV[2] == 'delivered' then
-  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-  redis.call('HDEL', KEYS[7], id)
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local released = 0
+for i = 4, #ARGV, 4 do
+  local id, token, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local attempts = p .. ':attempts:' .. id
+  if mode == 'delivered' then
+    redis.call('SET', p .. ':delivered:' .. id, ARGV[i + 3], 'EX', ARGV[2])
+    redis.call('HDEL', KEYS[3], id)
+  end
+  if mode == 'retry' or mode == 'undo' then
+    redis.call('ZADD', KEYS[1], 'XX', now, id)
+    if mode == 'undo' then redis.call('HINCRBY', attempts, 'n', -1) end
+  else
+    redis.call('DEL', attempts)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  end
+  local guard = p .. ':inflight:' .. id
+  if redis.call('GET', guard) == token then
+    redis.call('DEL', guard)
+    released = released + 1
+  end
 end
-if ARGV[2] == 'retry' or ARGV[2] == 'undo' then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[4], 'XX', t[1] * 1000 + math.floor(t[2] / 1000), id)
-  if ARGV[2] == 'undo' then redis.call('HINCRBY', KEYS[3], 'n', -1) end
-else
-  redis.call('DEL', KEYS[3])
-  redis.call('ZREM', KEYS[4], id)
-  redis.call('HDEL', KEYS[5], id)
+local pause = tonumber(ARGV[3])
+if pause > 0 and redis.call('PTTL', KEYS[4]) < pause then
+  redis.call('SET', KEYS[4], '1', 'PX', pause)
 end
-local pause = tonumber(ARGV[6])
-if pause > 0 and redis.call('PTTL', KEYS[6]) < pause then
-  redis.call('SET', KEYS[6], '1', 'PX', pause)
-end
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-return 0
+return released
 """
 
 
@@ -159,6 +196,17 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """The end of one attempt, for :meth:`Ledger.finish_many`: ``mode`` is ``delivered`` (with
+    ``value``, "<status>:<ms>"), ``final`` (dead-lettered), ``retry`` or ``undo``."""
+
+    event_id: str
+    token: str
+    mode: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
 class Limits:
     """The rate limits one claim is held to."""
 
@@ -186,54 +234,79 @@ class Ledger:
     def key(self, kind: str, name: str = "") -> str:
         return f"{self.prefix}:{kind}:{name}" if name else f"{self.prefix}:{kind}"
 
-    def _event_keys(self, event_id: str) -> list[str]:
-        return [
-            self.key("delivered", event_id),
-            self.key("inflight", event_id),
-            self.key("attempts", event_id),
-            self.key("pending"),
-        ]
-
     def claim(self, event_id: str, token: str, app_id: str, limits: Limits) -> Claim:
         """Before sending: check the ledger, the guard, the app's pause and rate limit, then take
-        the guard and count the attempt; one round trip."""
+        the guard and count the attempt; one round trip. Without a rate-limit slot soon, the
+        event gets a place in the app's line of deferred events."""
+        return self.claim_many([(event_id, token)], app_id, limits, line=True)[0]
+
+    def claim_many(
+        self,
+        entries: Sequence[tuple[str, str]],
+        app_id: str,
+        limits: Limits,
+        *,
+        line: bool = False,
+    ) -> list[Claim]:
+        """:meth:`claim` for several ``(event_id, token)`` of one app, in order, in one round trip.
+
+        Without ``line``, the first event with no rate-limit slot within ``limits.max_wait_s``,
+        and every event after it, come back :attr:`ClaimState.LIMITED` with the time until the
+        next slot; nothing is reserved for them.
+        """
         overall = limits.overall
         keys = [
-            *self._event_keys(event_id),
+            self.key("pending"),
             self.key("pause", app_id),
             self.key("rl", app_id),
             self.key("rl", "*"),
             self.key("rl", f"{app_id}:later"),
         ]
         args: list[str | int] = [
-            token,
+            self.prefix,
             self._guard_ttl_ms,
             self._ttl_s,
-            event_id,
             limits.app.emission_us,
             limits.app.tolerance_us,
             overall.emission_us if overall else 0,
             overall.tolerance_us if overall else 0,
             int(limits.max_wait_s * 1_000_000),
+            1 if line else 0,
         ]
-        state, value, first, now, wait = self._claim(keys=keys, args=args)
-        kind = ClaimState(_text(state))
-        if kind is ClaimState.OK:
-            return Claim(kind, int(value), int(first), int(now), int(wait))
-        return Claim(kind, now_ms=int(now), wait_ms=max(0, int(value)))
+        for event_id, token in entries:
+            args += [event_id, token]
+        reply = self._claim(keys=keys, args=args)
+        now = int(reply[0])
+        claims = []
+        for i in range(1, len(reply), 4):
+            state, value, first, wait = reply[i : i + 4]
+            kind = ClaimState(_text(state))
+            if kind is ClaimState.OK:
+                claims.append(Claim(kind, int(value), int(first), now, int(wait)))
+            else:
+                claims.append(Claim(kind, now_ms=now, wait_ms=max(0, int(value))))
+        return claims
 
     def finish(
         self, event_id: str, token: str, app_id: str, mode: str, value: str = "", pause_ms: int = 0
     ) -> bool:
+        """End one attempt (``mode``: delivered, final, retry or undo); True if this attempt
+        still held the event's guard."""
+        return self.finish_many(app_id, [Finish(event_id, token, mode, value)], pause_ms) == 1
+
+    def finish_many(self, app_id: str, finishes: Sequence[Finish], pause_ms: int = 0) -> int:
+        """End several attempts of one app's events in one round trip; ``pause_ms`` (after a
+        429) pauses the app. Returns how many guards were released."""
         keys = [
-            *self._event_keys(event_id),
+            self.key("pending"),
             self.key("pending", "msg"),
-            self.key("pause", app_id),
             self.key("redriven"),
+            self.key("pause", app_id),
         ]
-        return bool(
-            self._finish(keys=keys, args=[token, mode, value, self._ttl_s, event_id, pause_ms])
-        )
+        args: list[str | int] = [self.prefix, self._ttl_s, pause_ms]
+        for finish in finishes:
+            args += [finish.event_id, finish.token, finish.mode, finish.value]
+        return int(self._finish(keys=keys, args=args))
 
     def delivered(
         self, event_id: str, token: str, app_id: str, status: int | None, at_ms: int

@@ -44,7 +44,7 @@ Variables (defaults in parentheses):
                              another worker (longest wait + hard time limit + 30); a smaller value
                              than the longest wait plus the hard time limit is refused
 ``METRIX_BULK_MAX``          most events in one ``send_metrix_events`` message (500)
-``METRIX_BULK_CONCURRENCY``  threads per worker process delivering the events of batches (16)
+``METRIX_BULK_CONCURRENCY``  events of batches in flight at once per worker process (64)
 ``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
 ``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
 ===========================  ======================================================================
@@ -156,7 +156,7 @@ class Settings:
     pending_max_age_s: float = 900.0
     log_format: str = "text"
     bulk_max: int = 500
-    bulk_concurrency: int = 16
+    bulk_concurrency: int = 64
     #: Whether metrix-s2s runs on its embedded Redis (no broker configured), and where it lives.
     embedded: bool = False
     data_dir: str = ""
@@ -209,6 +209,16 @@ class Settings:
         return self.soft_time_limit_s + HARD_LIMIT_GRACE_S
 
     @property
+    def bulk_soft_time_limit_s(self) -> float:
+        """A batch's soft limit: it claims events for at most one delivery's soft limit, then its
+        last sends get one more."""
+        return 2 * self.soft_time_limit_s
+
+    @property
+    def bulk_time_limit_s(self) -> float:
+        return self.bulk_soft_time_limit_s + HARD_LIMIT_GRACE_S
+
+    @property
     def visibility_timeout_s(self) -> int:
         """Redis broker: how long an unacknowledged message waits before redelivery.
 
@@ -218,12 +228,12 @@ class Settings:
         """
         if self.visibility_timeout_override_s is not None:
             return self.visibility_timeout_override_s
-        return int(self.retry.longest_wait_s + self.time_limit_s + VISIBILITY_MARGIN_S)
+        return int(self.min_visibility_timeout_s + VISIBILITY_MARGIN_S)
 
     @property
     def min_visibility_timeout_s(self) -> float:
         """Anything shorter hands a message that is still waiting or running to a second worker."""
-        return self.retry.longest_wait_s + self.time_limit_s
+        return self.retry.longest_wait_s + max(self.time_limit_s, self.bulk_time_limit_s)
 
     def app(self, app_id: str) -> AppConfig | None:
         return self.apps.get(app_id)

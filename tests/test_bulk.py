@@ -18,10 +18,12 @@ import redis
 from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
-from metrix_s2s import InvalidEvent, operations, tasks
+from metrix_s2s import InvalidEvent, delivery, operations, tasks
 from metrix_s2s import settings as settings_module
 from metrix_s2s.deadletter import DeadLetterStore, Reason
+from metrix_s2s.delivery import Action, Deliverer, Result
 from metrix_s2s.schema import now_ms
+from metrix_s2s.settings import Settings
 from metrix_s2s.tasks import BULK_TASK_NAME, QUEUE
 
 pytestmark = pytest.mark.slow
@@ -132,3 +134,142 @@ def test_the_reconciler_sees_events_queued_in_a_batch(
     settings = dataclasses.replace(settings_module.get_settings(), pending_max_age_s=0)
     report = operations.reconciler(settings).run(now=now_ms() + 1)
     assert (report.examined, report.in_broker, report.requeued) == (5, 5, 0)
+
+
+# -- the batch engine in one process: a real Redis and the fake server, no Celery ---------------
+
+
+@pytest.fixture
+def deliverer(
+    redis_url: str, redis_client: redis.Redis, fake_metrix: FakeMetrix
+) -> Callable[..., Deliverer]:
+    fake_metrix.reset()
+
+    def make(**env: str) -> Deliverer:
+        environ = {
+            "METRIX_REDIS_URL": redis_url,
+            "CELERY_BROKER_URL": redis_url,
+            "METRIX_BASE_URL": fake_metrix.url,
+            "METRIX_APPS": json.dumps({APP_ID: DEV_KEY}),
+            "METRIX_READ_TIMEOUT": "2",
+            **env,
+        }
+        return Deliverer(Settings.from_env(environ))
+
+    return make
+
+
+def items(n: int, prefix: str = "u") -> list[tuple[str, Any]]:
+    return [(f"{prefix}-id-{i}", event) for i, event in enumerate(batch(n, prefix))]
+
+
+def actions(outcomes: list[tuple[str, Any, Result | None]]) -> Counter[str]:
+    return Counter(result.action.value if result else "none" for _, _, result in outcomes)
+
+
+def busiest_second(times: list[float]) -> int:
+    return max(sum(1 for t in times if start <= t < start + 1) for start in times)
+
+
+def test_a_batch_records_every_outcome_in_the_ledger(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix, redis_client: redis.Redis
+) -> None:
+    # Given Metrix answers one request 400 and is slow enough that sends overlap
+    fake_metrix.inject(400, count=1)
+    fake_metrix.set_latency(0.05)
+    d = deliverer(METRIX_BULK_CONCURRENCY="8")
+    # When 40 events are delivered as one batch
+    outcomes = d.deliver_many(APP_ID, items(40))
+    # Then each has its own verdict, in the batch's order, and the ledger agrees
+    assert [event_id for event_id, _, _ in outcomes] == [f"u-id-{i}" for i in range(40)]
+    assert actions(outcomes) == {"delivered": 39, "dead_lettered": 1}
+    assert len(fake_metrix.requests) == 40
+    for event_id, _, result in outcomes:
+        assert result is not None
+        delivered = bool(redis_client.exists(f"metrix:delivered:{event_id}"))
+        assert delivered is (result.action is Action.DELIVERED)
+        assert not redis_client.exists(f"metrix:inflight:{event_id}")
+    # And the same batch again sends only the event that was not delivered
+    fake_metrix.reset()
+    again = d.deliver_many(APP_ID, items(40))
+    assert actions(again) == {"duplicate": 39, "delivered": 1}
+    assert len(fake_metrix.requests) == 1
+
+
+def test_an_event_twice_in_one_batch_is_sent_once(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix
+) -> None:
+    event = make_event(metrixUserId="twice")
+    outcomes = deliverer().deliver_many(APP_ID, [("same-id", event), ("same-id", event)])
+    assert len(fake_metrix.requests) == 1
+    # the second copy found the first one's guard: it comes back later, and is then a duplicate
+    assert actions(outcomes) == {"delivered": 1, "defer": 1}
+
+
+def test_a_rate_limited_batch_paces_itself_in_the_worker(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix
+) -> None:
+    # Given an app limited to 20 events/s (burst 1)
+    d = deliverer(METRIX_RATE_LIMIT="20/s", METRIX_RATE_BURST="1")
+    # When a batch of 30 is delivered
+    started = time.monotonic()
+    outcomes = d.deliver_many(APP_ID, items(30))
+    # Then all were delivered within the batch, at the app's rate
+    assert actions(outcomes) == {"delivered": 30}
+    assert time.monotonic() - started >= 1.3
+    assert busiest_second([r.at for r in fake_metrix.requests]) <= 21
+
+
+def test_a_batch_hands_back_what_it_would_wait_too_long_for(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an app limited to 5 events/s and batches that wait at most 1 s for slots in all
+    monkeypatch.setattr(delivery, "BULK_PACE_S", 1.0)
+    d = deliverer(METRIX_RATE_LIMIT="5/s", METRIX_RATE_BURST="1")
+    # When a batch of 20 is delivered
+    outcomes = d.deliver_many(APP_ID, items(20))
+    # Then a few seconds' worth went out, and the rest is deferred until the app has slots again
+    sent = actions(outcomes)["delivered"]
+    assert 4 <= sent <= 9
+    assert actions(outcomes)["defer"] == 20 - sent
+    assert len(fake_metrix.requests) == sent
+    deferred = [r for _, _, r in outcomes if r is not None and r.action is Action.DEFER]
+    assert all(0 < r.countdown_s < 2 for r in deferred)
+
+
+def test_a_429_pauses_the_rest_of_the_batch(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix
+) -> None:
+    # Given Metrix answers the first request 429 with Retry-After: 1
+    fake_metrix.inject(429, count=1, retry_after="1")
+    d = deliverer(METRIX_BULK_CONCURRENCY="1")
+    # When a batch of 6 is delivered one at a time
+    outcomes = d.deliver_many(APP_ID, items(6))
+    # Then the 429'd event is retried later, the others delivered after the pause
+    assert actions(outcomes) == {"retry": 1, "delivered": 5}
+    first, *rest = fake_metrix.requests
+    assert first.status == 429
+    assert min(r.at for r in rest) - first.at >= 0.95
+
+
+def test_an_error_in_a_sending_thread_parks_only_that_event(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix, redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    d = deliverer()
+    real_send = d.client.send
+
+    def send(app_id: str, dev_key: str, event: dict[str, Any]) -> Any:
+        if event["metrixUserId"] == "u3":
+            raise RuntimeError("boom")
+        return real_send(app_id, dev_key, event)
+
+    monkeypatch.setattr(d.client, "send", send)
+    outcomes = d.deliver_many(APP_ID, items(6))
+    assert actions(outcomes) == {"delivered": 5, "dead_lettered": 1}
+    dlq = DeadLetterStore(redis_client, prefix="metrix", retention_s=3600, max_entries=100)
+    (letter,) = dlq.list()
+    assert letter.event_id == "u-id-3"
+    assert letter.reason is Reason.POISON
+    assert "RuntimeError: boom" in letter.detail
+    assert not redis_client.exists("metrix:inflight:u-id-3")  # its guard was released

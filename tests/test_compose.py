@@ -247,9 +247,10 @@ def test_workers_scale_and_shut_down_warm(services: dict[str, dict[str, Any]]) -
     assert replicas(worker) >= 2
     grace = seconds(worker.get("stop_grace_period", "10s"))
     settings = Settings.from_env(resolved_environment(worker, HOST_ENV))
-    assert grace > settings.time_limit_s, (
-        f"stop_grace_period {grace:g}s does not cover a delivery's hard time limit "
-        f"({settings.time_limit_s:g}s): docker would kill deliveries under way"
+    longest = max(settings.time_limit_s, settings.bulk_time_limit_s)
+    assert grace > longest, (
+        f"stop_grace_period {grace:g}s does not cover the hard time limit of a delivery or a "
+        f"batch ({longest:g}s): docker would kill deliveries under way"
     )
 
 

@@ -560,12 +560,14 @@ TIMING_ENVIRONMENTS = [
 
 
 @pytest.mark.parametrize("environ", TIMING_ENVIRONMENTS)
-def test_the_visibility_timeout_outlasts_the_longest_wait_plus_the_hard_limit(
+def test_the_visibility_timeout_outlasts_the_longest_wait_plus_the_hard_limits(
     environ: dict[str, str],
 ) -> None:
     settings = Settings.from_env(environ)
 
-    assert settings.visibility_timeout_s > settings.retry.longest_wait_s + settings.time_limit_s
+    longest = settings.retry.longest_wait_s
+    assert settings.visibility_timeout_s > longest + settings.time_limit_s
+    assert settings.visibility_timeout_s > longest + settings.bulk_time_limit_s
     assert isinstance(settings.visibility_timeout_s, int)
 
 
@@ -575,6 +577,9 @@ def test_the_soft_limit_lets_the_http_timeouts_fire_first(environ: dict[str, str
 
     assert settings.soft_time_limit_s > settings.connect_timeout_s + settings.read_timeout_s
     assert settings.time_limit_s > settings.soft_time_limit_s
+    # A batch claims for one delivery's soft limit, then its last sends need one more
+    assert settings.bulk_soft_time_limit_s >= 2 * settings.soft_time_limit_s
+    assert settings.bulk_time_limit_s > settings.bulk_soft_time_limit_s
 
 
 def test_with_defaults_a_crashed_workers_events_come_back_within_five_minutes() -> None:
@@ -621,7 +626,7 @@ def test_the_computed_visibility_timeout_is_above_its_own_minimum() -> None:
 
     assert settings.visibility_timeout_s > settings.min_visibility_timeout_s
     assert settings.min_visibility_timeout_s == (
-        settings.retry.longest_wait_s + settings.time_limit_s
+        settings.retry.longest_wait_s + settings.bulk_time_limit_s
     )
 
 

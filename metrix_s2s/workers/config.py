@@ -25,10 +25,6 @@ BROKER_MAX_CONNECTIONS = 200
 BROKER_CONNECT_TIMEOUT_S = 3.0
 
 
-def _rounds(s: Settings) -> int:
-    return -(-s.bulk_max // s.bulk_concurrency)
-
-
 def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
     """Celery settings for at-least-once delivery of metrix-s2s's tasks, safe to merge into an
     existing app (they name no broker, queues or serializers of its own tasks).
@@ -80,10 +76,9 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
                 "soft_time_limit": s.soft_time_limit_s,
                 "time_limit": s.time_limit_s,
             },
-            # a batch runs its events METRIX_BULK_CONCURRENCY at a time
             BULK_TASK_NAME: {
-                "soft_time_limit": s.soft_time_limit_s * _rounds(s),
-                "time_limit": s.soft_time_limit_s * _rounds(s) + s.time_limit_s,
+                "soft_time_limit": s.bulk_soft_time_limit_s,
+                "time_limit": s.bulk_time_limit_s,
             },
         },
     }
