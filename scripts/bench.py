@@ -21,10 +21,10 @@ its PID when its measurement ends. Side by side, on the same Redis and the same 
 
 It prints a table, then one JSON line with every figure and ratio (``--json-only``: only that).
 ``--repeat N`` makes every end-to-end measurement N times, in turn, and reports the medians: on a
-small machine single runs vary by 10-15%. The fake server must answer without Nagle's delay
-(socketserver's ``disable_nagle_algorithm``, which it now sets itself; the benchmark makes sure):
-it writes an answer's headers and body in two ``send()`` calls, and with Nagle's algorithm the
-body waits about 40 ms for the client's delayed ACK. ``--stock-fake`` leaves the handler alone.
+small machine single runs vary by 10-15%. The fake server answers without Nagle's delay
+(socketserver's ``disable_nagle_algorithm``): it writes an answer's headers and body in two
+``send()`` calls, and with Nagle's algorithm the body would wait about 40 ms for the client's
+delayed ACK.
 
 This file is also the module the baseline workers import: ``celery -A bench worker`` runs
 ``bench.post_event`` on an app with metrix-s2s's own configuration, ``celery -A
@@ -67,6 +67,12 @@ DEV_KEY = "bench-dev-key-7c1e9a42d5b3"
 POST_TASK = "bench.post_event"
 NOOP_TASK = "bench.noop"
 RATE_LIMIT = "100000/s"
+#: The recommended worker: ``metrix-s2s worker``'s defaults (the targets are about this pool).
+THREADS = 32
+#: Another pool size, measured for information.
+OTHER_THREADS = 16
+#: The default ``METRIX_BULK_CONCURRENCY``, and the threads of the no-Celery loop compared with it.
+BULK_CONCURRENCY = 64
 #: Events per ``send_metrix_events.delay()`` call.
 BATCH = 200
 #: The queues the tasks are published to: metrix-s2s's app (and its configuration), Celery's own.
@@ -284,10 +290,9 @@ DEFAULT = Sizes(300, 5, 1000, 2500, 500, 100, 1000, prefork=True, default_celery
 class Bench:
     """The shared Redis and fake server, and every measurement made against them."""
 
-    def __init__(self, sizes: Sizes, *, verbose: bool, nodelay: bool) -> None:
+    def __init__(self, sizes: Sizes, *, verbose: bool) -> None:
         self.sizes = sizes
         self.verbose = verbose
-        self.nodelay = nodelay
         self._stack = contextlib.ExitStack()
         self.env: dict[str, str] = {}
 
@@ -298,11 +303,10 @@ class Bench:
         from metrix_s2s.embedded import EmbeddedRedis
         from metrix_s2s.fakeserver import FakeMetrix
 
-        # The fake writes an answer's headers and its body in two send() calls; with Nagle's
-        # algorithm on, the body waits for the client's delayed ACK, about 40 ms on Linux, on
-        # every request of a kept-alive connection. socketserver's own switch turns it off, so
-        # that "0 ms" means what it says (--stock-fake keeps the handler's own setting).
-        fakeserver._Handler.disable_nagle_algorithm = self.nodelay
+        # "0 ms" must mean at once: with Nagle's algorithm, each answer's body would wait for
+        # the client's delayed ACK (the fake writes headers and body in two send() calls).
+        if not fakeserver._Handler.disable_nagle_algorithm:
+            raise BenchError("the fake server answers with Nagle's algorithm on")
         try:
             self.redis_server = self._stack.enter_context(EmbeddedRedis())
             self.fake = self._stack.enter_context(FakeMetrix({APP_ID: DEV_KEY}))
@@ -668,7 +672,7 @@ def _top(profiler: cProfile.Profile, calls: int, entries: int = 14) -> list[str]
     stream = io.StringIO()
     stats = pstats.Stats(profiler, stream=stream)
     rows = []
-    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
         where = re.sub(r"^.*?(site-packages|lib/python3\.\d+)/", "", filename)
         where = where.removeprefix(str(SCRIPTS.parent) + "/")
         rows.append((tottime, cumtime, ncalls, f"{where}:{line}({name})"))
@@ -770,19 +774,23 @@ def plan(sizes: Sizes) -> list[list[Run]]:
     """The end-to-end measurements, in groups compared with each other (run in turn)."""
     n = sizes.events
     groups: list[list[Run]] = []
-    pools = [("threads", 16)] + ([("prefork", 2)] if sizes.prefork else [])
+    pools = [("threads", THREADS)] + ([("prefork", 2)] if sizes.prefork else [])
     for pool, size in pools:
         for latency in (0.0, 0.05):
             count = sizes.prefork_50ms_events if pool == "prefork" and latency else n
             groups.append([Run(path, pool, size, latency, count) for path in ("metrix", "bare")])
     if sizes.default_celery_e2e:
-        groups.append([Run("bare_default", "threads", 16, latency, n) for latency in (0.0, 0.05)])
-    groups.append([Run("bulk", "threads", 16, latency, n) for latency in (0.0, 0.05)])
-    # Informative, not targets: the bulk executor is per worker process (16 threads for every
-    # batch at once), and concurrency sized to rate x latency.
-    wide = {"METRIX_BULK_CONCURRENCY": "64"}
-    groups.append([Run("bulk", "threads", 16, 0.05, n, wide)])
-    groups.append([Run("metrix", "threads", 32, lat, n, informative=True) for lat in (0.0, 0.05)])
+        groups.append(
+            [Run("bare_default", "threads", THREADS, latency, n) for latency in (0.0, 0.05)]
+        )
+    groups.append([Run("bulk", "threads", THREADS, latency, n) for latency in (0.0, 0.05)])
+    # Informative, not targets: a quarter of the default bulk concurrency, and another pool size.
+    narrow = {"METRIX_BULK_CONCURRENCY": str(BULK_CONCURRENCY // 4)}
+    groups.append([Run("bulk", "threads", THREADS, 0.05, n, narrow)])
+    other = OTHER_THREADS
+    groups.append(
+        [Run("metrix", "threads", other, lat, n, informative=True) for lat in (0.0, 0.05)]
+    )
     return groups
 
 
@@ -819,8 +827,8 @@ def run_all(bench: Bench, quick: bool, repeat: int) -> dict[str, Any]:
     result["no_celery"] = [
         bench.requests_loop(n, 1, 0.0),
         bench.requests_loop(s.sequential_50ms_events, 1, 0.05),
-        bench.requests_loop(n, 16, 0.0),
-        bench.requests_loop(n, 16, 0.05),
+        bench.requests_loop(n, BULK_CONCURRENCY, 0.0),
+        bench.requests_loop(n, BULK_CONCURRENCY, 0.05),
     ]
     result["in_process"] = bench.worker_side_cost(s.profile_events)
     result["in_process"]["profile_enqueue"] = bench.enqueue_profile(s.profile_events)
@@ -884,7 +892,7 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
         if numerator and denominator:
             ratios[key] = round(numerator / denominator, 3)
 
-    for pool, size in (("threads", 16), ("prefork", 2), ("threads", 32)):
+    for pool, size in (("threads", THREADS), ("prefork", 2), ("threads", OTHER_THREADS)):
         for ms in (0, 50):
             metrix = _rate(result, "metrix", pool, size, ms)
             put(
@@ -896,32 +904,36 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
             put(f"e2e_{pool}{size}_{ms}ms_metrix_vs_bare_default_celery", metrix, default)
         at0, at50 = _rate(result, "metrix", pool, size, 0), _rate(result, "metrix", pool, size, 50)
         put(f"e2e_{pool}{size}_metrix_50ms_vs_0ms", at50, at0)
+    loops = {
+        r["latency_ms"]: r["events_per_s"]
+        for r in result["no_celery"]
+        if r["threads"] == BULK_CONCURRENCY
+    }
     for ms in (0, 50):
-        bulk, single = (
-            _rate(result, "bulk", "threads", 16, ms),
-            _rate(result, "metrix", "threads", 16, ms),
-        )
-        put(f"bulk_vs_per_event_threads16_{ms}ms", bulk, single)
-    single50 = _rate(result, "metrix", "threads", 16, 50)
-    single0 = _rate(result, "metrix", "threads", 16, 0)
+        bulk = _rate(result, "bulk", "threads", THREADS, ms)
+        single = _rate(result, "metrix", "threads", THREADS, ms)
+        put(f"bulk_vs_per_event_threads{THREADS}_{ms}ms", bulk, single)
+        put(f"bulk_vs_requests_loop_{BULK_CONCURRENCY}_threads_{ms}ms", bulk, loops.get(ms))
+    single50 = _rate(result, "metrix", "threads", THREADS, 50)
+    single0 = _rate(result, "metrix", "threads", THREADS, 0)
     for run in result["end_to_end"]:
         if not run["informative"] or run["latency_ms"] != 50:
             continue
         if run["setting"]:
             slug = run["setting"].lower().replace("metrix_", "").replace("=", "")
             key = slug if slug.startswith(run["path"]) else f"{run['path']}_{slug}"
-            put(f"{key}_vs_per_event_threads16_50ms", run["events_per_s"], single50)
+            put(f"{key}_vs_per_event_threads{THREADS}_50ms", run["events_per_s"], single50)
         else:
             key = f"e2e_{run['pool']}{run['concurrency']}_metrix_50ms"
-            put(f"{key}_vs_threads16_0ms", run["events_per_s"], single0)
+            put(f"{key}_vs_threads{THREADS}_0ms", run["events_per_s"], single0)
     wanted = [
         ("enqueue_p50_metrix_vs_bare_same_config", "<=", 1.3),
-        ("e2e_threads16_0ms_metrix_vs_bare", ">=", 0.85),
-        ("e2e_threads16_50ms_metrix_vs_bare", ">=", 0.85),
+        (f"e2e_threads{THREADS}_0ms_metrix_vs_bare", ">=", 0.85),
+        (f"e2e_threads{THREADS}_50ms_metrix_vs_bare", ">=", 0.85),
         ("e2e_prefork2_0ms_metrix_vs_bare", ">=", 0.85),
         ("e2e_prefork2_50ms_metrix_vs_bare", ">=", 0.85),
-        ("e2e_threads16_metrix_50ms_vs_0ms", ">=", 0.8),
-        ("bulk_vs_per_event_threads16_50ms", ">=", 3.0),
+        (f"e2e_threads{THREADS}_metrix_50ms_vs_0ms", ">=", 0.8),
+        (f"bulk_vs_per_event_threads{THREADS}_50ms", ">=", 3.0),
     ]
     targets: dict[str, Any] = {}
     for key, op, bound in wanted:
@@ -957,14 +969,7 @@ def render(result: dict[str, Any], argv: list[str]) -> str:
         f"         Celery {m['celery']}, kombu {m['kombu']}, redis-py {m['redis_py']}, requests "
         f"{m['requests']}, redis-server {m['redis_server']}"
     )
-    add(
-        "fake server: "
-        + (
-            "Nagle off (TCP_NODELAY), so 0 ms means at once"
-            if result["fake_server_tcp_nodelay"]
-            else "as shipped, Nagle on: about 40 ms more per answer on a kept-alive connection"
-        )
-    )
+    add("fake server: Nagle's algorithm off (TCP_NODELAY), so 0 ms means at once")
     e = result["enqueue"]
     add("")
     add(
@@ -1024,7 +1029,7 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
             spread = f"{r['min_events_per_s']:.0f}-{r['max_events_per_s']:.0f}"
         what = _PATHS[r["path"]]
         if r["setting"]:
-            what += ", " + r["setting"].replace("METRIX_BULK_CONCURRENCY=", "") + " threads"
+            what += ", " + r["setting"].replace("METRIX_BULK_CONCURRENCY=", "") + " at once"
         if r["informative"]:
             what += " (*)"
         add(
@@ -1035,8 +1040,8 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
             add(f"      (!) duplicates {r['duplicates']}, non-200 answers {r['non_200']}")
     if any(r["informative"] for r in rows):
         add(
-            "  (*) informative, not a target: METRIX_BULK_CONCURRENCY raised from 16, or a "
-            "concurrency other than 16"
+            f"  (*) informative, not a target: METRIX_BULK_CONCURRENCY other than its default "
+            f"({BULK_CONCURRENCY}), or a pool other than the default (threads {THREADS})"
         )
 
 
@@ -1095,12 +1100,6 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="run every end-to-end measurement N times (in turn) and report the median (1)",
     )
-    parser.add_argument(
-        "--stock-fake",
-        action="store_true",
-        help="leave Nagle's algorithm on in the fake server, as it ships (it then adds about "
-        "40 ms to every answer on a kept-alive connection)",
-    )
     args = parser.parse_args(args_list)
     sizes = QUICK if args.quick else DEFAULT
     if not 1 <= args.repeat <= 10:
@@ -1117,10 +1116,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     host = machine()  # before starting anything, for the load average
     try:
-        with Bench(sizes, verbose=not args.json_only, nodelay=not args.stock_fake) as bench:
+        with Bench(sizes, verbose=not args.json_only) as bench:
             result = {
                 "machine": host,
-                "fake_server_tcp_nodelay": bench.nodelay,
                 **run_all(bench, args.quick, args.repeat),
             }
     except BenchError as exc:

@@ -597,14 +597,14 @@ def no_exec(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["worker"], [*CELERY, "worker", "-P", "threads", "-c", "16", "-l", "INFO"]),
+        (["worker"], [*CELERY, "worker", "-P", "threads", "-c", "32", "-l", "INFO"]),
         (
             ["worker", "-P", "prefork", "-c", "4", "-l", "debug", "--", "-n", "w1@%h", "-E"],
             [*CELERY, "worker", "-P", "prefork", "-c", "4", "-l", "DEBUG", "-n", "w1@%h", "-E"],
         ),
         (
             ["worker", "--without-mingle"],
-            [*CELERY, "worker", "-P", "threads", "-c", "16", "-l", "INFO", "--without-mingle"],
+            [*CELERY, "worker", "-P", "threads", "-c", "32", "-l", "INFO", "--without-mingle"],
         ),
         (["beat"], [*CELERY, "beat", "-l", "INFO"]),
         (

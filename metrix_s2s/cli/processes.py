@@ -61,7 +61,7 @@ _EXTRA = click.argument("celery_args", nargs=-1, type=click.UNPROCESSED, metavar
     "-c",
     "--concurrency",
     type=click.IntRange(min=1),
-    default=16,
+    default=32,
     show_default=True,
     help="Deliveries in flight at once in this worker.",
 )
