@@ -4,6 +4,8 @@
 answer and decides: delivered, a duplicate (already delivered), retry after a countdown, defer
 (another worker holds it right now), or dead-lettered with a reason. The Celery task only maps that
 decision onto Celery (return, ``retry``), so this module is where the reliability rules live.
+:meth:`Deliverer.deliver_many` applies the same rules to a batch of one app's events, sent
+concurrently, with the ledger's work done for groups of events at once (see :class:`_Batch`).
 """
 
 from __future__ import annotations

@@ -201,7 +201,9 @@ def run(events: int = 60, echo: Echo | None = None, redis_url: str | None = None
         stack.enter_context(_celery(beat, env, tmp / "beat.log", "beat: Starting"))
         say(f"fake Metrix on {metrix.url}; a Celery worker (threads, 8) and beat are running\n")
 
-        with _producing_to(env):
+        from . import workers
+
+        with workers.rebuilt_for(env):
             from .delivery import get_deliverer
 
             sent = _enqueue(metrix, events, say)
@@ -214,25 +216,3 @@ def run(events: int = 60, echo: Echo | None = None, redis_url: str | None = None
 
 def out_line(out: Echo) -> Echo:
     return lambda text: out(text + "\n")
-
-
-@contextlib.contextmanager
-def _producing_to(env: dict[str, str]) -> Iterator[None]:
-    """This process publishes through metrix-s2s's own app, built for ``env``, then forgets it."""
-    from . import settings as settings_module
-    from . import workers
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    settings_module.configure(None)
-    workers._app = None
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        settings_module.configure(None)
-        workers._app = None

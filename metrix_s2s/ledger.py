@@ -106,10 +106,13 @@ for i = 10, #ARGV, 2 do
       if overall > 0 then store_tat(KEYS[4], overall_tat, now_us) end
       redis.call('SET', guard, token, 'PX', tonumber(ARGV[2]) + wait_ms)
       local n = redis.call('HINCRBY', attempts, 'n', 1)
-      redis.call('HSETNX', attempts, 'first', now)
+      local first = now
+      if redis.call('HSETNX', attempts, 'first', now) == 0 then
+        first = tonumber(redis.call('HGET', attempts, 'first'))
+      end
       redis.call('EXPIRE', attempts, ARGV[3])
       redis.call('ZADD', KEYS[1], 'XX', now, id)
-      put('ok', n, tonumber(redis.call('HGET', attempts, 'first')), wait_ms)
+      put('ok', n, first, wait_ms)
     end
   end
 end
@@ -127,8 +130,7 @@ return out
 # holds, and returns how many it released.
 _FINISH = """
 local p = ARGV[1]
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = nil
 local released = 0
 for i = 4, #ARGV, 4 do
   local id, token, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -138,6 +140,10 @@ for i = 4, #ARGV, 4 do
     redis.call('HDEL', KEYS[3], id)
   end
   if mode == 'retry' or mode == 'undo' then
+    if not now then
+      local t = redis.call('TIME')
+      now = t[1] * 1000 + math.floor(t[2] / 1000)
+    end
     redis.call('ZADD', KEYS[1], 'XX', now, id)
     if mode == 'undo' then redis.call('HINCRBY', attempts, 'n', -1) end
   else

@@ -240,25 +240,11 @@ def start_beat(
 def producer_env(redis_url: str) -> Iterator[None]:
     """Point metrix-s2s's own app (built on first use) at the test Redis, for the session."""
     import metrix_s2s.workers
-    from metrix_s2s import settings as settings_module
 
-    saved = {k: os.environ.get(k) for k in ("CELERY_BROKER_URL", "METRIX_REDIS_URL")}
-    os.environ["CELERY_BROKER_URL"] = redis_url
-    os.environ.pop("METRIX_REDIS_URL", None)
-    settings_module.configure(None)
-    # Forget an app built from the environment before this point (collecting a test module that
-    # imports send_metrix_event resolves it), so the next use builds it for the test Redis.
-    metrix_s2s.workers._app = None
-    try:
+    # An app built from the environment before this point (collecting a test module that imports
+    # send_metrix_event resolves it) is forgotten, so the next use builds it for the test Redis.
+    with metrix_s2s.workers.rebuilt_for({"CELERY_BROKER_URL": redis_url, "METRIX_REDIS_URL": None}):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        settings_module.configure(None)
-        metrix_s2s.workers._app = None
 
 
 @pytest.fixture

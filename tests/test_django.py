@@ -16,92 +16,45 @@ names the app it runs.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import APP_ID, DEV_KEY, Worker, _launch, make_event, wait_until, worker_env
+from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
+from projects import EVENT_TIME, INTEGRATIONS, Project, project_workers
 
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 
 pytestmark = pytest.mark.slow
-
-INTEGRATIONS = Path(__file__).resolve().parent / "integrations"
-#: A fixed eventTime (milliseconds), so that the body Metrix receives is exactly the event sent.
-EVENT_TIME = 1_700_000_000_123
-
-
-@dataclass
-class Project:
-    """The environment of the Django project's web process and of its worker."""
-
-    web_env: dict[str, str]
-    worker_env: dict[str, str]
-    #: ``METRIX_DATA_DIR``: where metrix-s2s would start its embedded Redis (it must not, here)
-    data_dir: Path
-
-    def embedded_redis_started(self) -> bool:
-        return (self.data_dir / "redis.sock").exists()
-
-    def stop_embedded_redis(self) -> None:
-        """Stop an embedded Redis a process of this test started, by the PID it wrote."""
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int((self.data_dir / "redis.pid").read_text()), signal.SIGTERM)
 
 
 @pytest.fixture
 def project(
     redis_url: str, redis_client: redis.Redis, fake_metrix: FakeMetrix, tmp_path: Path
 ) -> Iterator[Project]:
-    pythonpath = os.pathsep.join(filter(None, [str(INTEGRATIONS), os.environ.get("PYTHONPATH")]))
-    ours = {
+    # The web process knows no dev-key and names no broker outside the Django settings.
+    settings = {
         "DJANGO_SETTINGS_MODULE": "djangoproj.settings",
         "DJANGOPROJ_DB_PATH": str(tmp_path / "shop.sqlite3"),
         "DJANGOPROJ_BROKER_URL": redis_url,
         "DJANGOPROJ_METRIX_APP_ID": APP_ID,
-        "PYTHONPATH": pythonpath,
-        "PYTHONUNBUFFERED": "1",
-        # where metrix-s2s would start its embedded Redis: never in the home directory
-        "METRIX_DATA_DIR": str(tmp_path / "metrix-data"),
     }
-    # The web process knows no dev-key and names no broker outside the Django settings.
-    web = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "METRIX_"))}
-    web.update(ours)
-    worker = worker_env(redis_url, fake_metrix.url, **ours)
-    del worker["CELERY_BROKER_URL"]
-    project = Project(web, worker, tmp_path / "metrix-data")
+    project = Project.make(redis_url, fake_metrix.url, tmp_path, settings)
     yield project
     project.stop_embedded_redis()
 
 
 @pytest.fixture
 def start_project_worker(project: Project, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
-    """Start a real worker of the Django project's Celery app; stopped (by PID) after the test."""
-    started: list[Worker] = []
-
-    def start() -> Worker:
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "djangoproj", "worker",
-            "-P", "threads", "-c", "4", "-Q", f"celery,{QUEUE}", "-l", "INFO",
-            "--without-mingle", "--without-gossip", "-n", f"django-{os.getpid()}@%h",
-        ]  # fmt: skip
-        worker = _launch(cmd, project.worker_env, tmp_path / "django-worker.log", "ready.")
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
+    """Start real workers of the project's Celery app; stopped (by PID) after the test."""
+    with project_workers(project, "djangoproj", "django", tmp_path) as start:
+        yield start
 
 
 def run_web(project: Project, *requests: dict[str, Any]) -> dict[str, Any]:

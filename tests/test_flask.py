@@ -15,93 +15,46 @@ request, and the worker's banner names the app it runs.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import APP_ID, DEV_KEY, Worker, _launch, make_event, wait_until, worker_env
+from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
+from projects import EVENT_TIME, INTEGRATIONS, Project, project_workers
 
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 
 pytestmark = pytest.mark.slow
 
-INTEGRATIONS = Path(__file__).resolve().parent / "integrations"
-#: A fixed eventTime (milliseconds), so that the body Metrix receives is exactly the event sent.
-EVENT_TIME = 1_700_000_000_123
-
-
-@dataclass
-class FlaskProject:
-    """The environment of the Flask app's web process and of its worker."""
-
-    web_env: dict[str, str]
-    worker_env: dict[str, str]
-    #: ``METRIX_DATA_DIR``: where metrix-s2s would start its embedded Redis (it must not, here)
-    data_dir: Path
-
-    def embedded_redis_started(self) -> bool:
-        return (self.data_dir / "redis.sock").exists()
-
-    def stop_embedded_redis(self) -> None:
-        """Stop an embedded Redis a process of this test started, by the PID it wrote."""
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int((self.data_dir / "redis.pid").read_text()), signal.SIGTERM)
-
 
 @pytest.fixture
 def project(
     redis_url: str, redis_client: redis.Redis, fake_metrix: FakeMetrix, tmp_path: Path
-) -> Iterator[FlaskProject]:
-    pythonpath = os.pathsep.join(filter(None, [str(INTEGRATIONS), os.environ.get("PYTHONPATH")]))
-    ours = {
+) -> Iterator[Project]:
+    # The web process knows no dev-key and names no broker outside the Flask config.
+    settings = {
         "FLASK_CELERY__broker_url": redis_url,
         "FLASK_METRIX_APP_ID": APP_ID,
-        "PYTHONPATH": pythonpath,
-        "PYTHONUNBUFFERED": "1",
-        # where metrix-s2s would start its embedded Redis: never in the home directory
-        "METRIX_DATA_DIR": str(tmp_path / "metrix-data"),
     }
-    # The web process knows no dev-key and names no broker outside the Flask config.
-    web = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "METRIX_"))}
-    web.update(ours)
-    worker = worker_env(redis_url, fake_metrix.url, **ours)
-    del worker["CELERY_BROKER_URL"]
-    project = FlaskProject(web, worker, tmp_path / "metrix-data")
+    project = Project.make(redis_url, fake_metrix.url, tmp_path, settings)
     yield project
     project.stop_embedded_redis()
 
 
 @pytest.fixture
-def start_flask_worker(project: FlaskProject, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
-    """Start a real worker of the Flask app's Celery app; stopped (by PID) after the test."""
-    started: list[Worker] = []
-
-    def start() -> Worker:
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "flaskapp:celery_app", "worker",
-            "-P", "threads", "-c", "4", "-Q", f"celery,{QUEUE}", "-l", "INFO",
-            "--without-mingle", "--without-gossip", "-n", f"flask-{os.getpid()}@%h",
-        ]  # fmt: skip
-        worker = _launch(cmd, project.worker_env, tmp_path / "flask-worker.log", "ready.")
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
+def start_flask_worker(project: Project, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    """Start real workers of the project's Celery app; stopped (by PID) after the test."""
+    with project_workers(project, "flaskapp:celery_app", "flask", tmp_path) as start:
+        yield start
 
 
-def run_web(project: FlaskProject, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+def run_web(project: Project, *requests: dict[str, Any]) -> list[dict[str, Any]]:
     """Serve ``requests`` in the Flask app's own process; its answers (with its stderr)."""
     proc = subprocess.run(
         [sys.executable, str(INTEGRATIONS / "flask_client.py")],
@@ -143,7 +96,7 @@ def assert_delivered_once(fake: FakeMetrix, event: dict[str, Any]) -> None:
 
 
 def test_a_purchase_is_published_through_the_flask_apps_celery_app_and_delivered(
-    project: FlaskProject,
+    project: Project,
     start_flask_worker: Callable[[], Worker],
     fake_metrix: FakeMetrix,
     redis_client: redis.Redis,
@@ -183,7 +136,7 @@ def test_a_purchase_is_published_through_the_flask_apps_celery_app_and_delivered
 
 
 def test_a_request_served_in_a_threaded_server_publishes_through_the_flask_apps_celery_app(
-    project: FlaskProject,
+    project: Project,
     start_flask_worker: Callable[[], Worker],
     fake_metrix: FakeMetrix,
     redis_client: redis.Redis,
@@ -204,7 +157,7 @@ def test_a_request_served_in_a_threaded_server_publishes_through_the_flask_apps_
 
 
 def test_an_invalid_event_is_refused_in_the_request_and_nothing_is_published(
-    project: FlaskProject, redis_client: redis.Redis
+    project: Project, redis_client: redis.Redis
 ) -> None:
     # Given an event with eventTime in seconds, When it is posted
     (answer,) = run_web(project, {"via": "client", "event": make_event(eventTime=1_700_000_000)})
@@ -229,7 +182,7 @@ print(json.dumps({"own_app_broker": broker, "embedded": get_settings().embedded}
 
 
 def test_metrix_s2s_own_app_in_a_configured_process_starts_no_embedded_redis(
-    project: FlaskProject, redis_url: str
+    project: Project, redis_url: str
 ) -> None:
     # Given the Flask app's process, where configure_app pointed metrix-s2s at the app's broker
     # When metrix-s2s's own app is built there

@@ -4,6 +4,7 @@ enqueued or only checked, with a report line for each."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -80,25 +81,15 @@ def send(ctx: click.Context, app_id: str, source: IO[str]) -> None:
     if not app_id.strip():
         raise click.BadParameter("must not be empty", ctx, param_hint="APP_ID")
     current_state(ctx).require()
-    queued = bad = 0
-    for item in _events(source):
-        problem = item.error or _not_an_object(item.event)
-        if problem is None:
-            try:
-                result = send_metrix_event.apply_async((app_id, item.event))
-            except InvalidEvent as exc:
-                problem = f"invalid: {format_messages(exc.messages)}"
-            except EnqueueError as exc:
-                raise UsageFailure(f"line {item.line}: {exc} ({queued} queued before it)") from None
-            else:
-                queued += 1
-                click.echo(f"line {item.line}: queued {result.id}")
-                continue
-        bad += 1
-        click.echo(f"line {item.line}: {problem}")
-    click.echo(f"{queued} queued, {bad} invalid")
-    if bad:
-        ctx.exit(EXIT_FAILED)
+
+    def enqueue(item: _Item, queued: int) -> str:
+        try:
+            result = send_metrix_event.apply_async((app_id, item.event))
+        except EnqueueError as exc:
+            raise UsageFailure(f"line {item.line}: {exc} ({queued} queued before it)") from None
+        return f"queued {result.id}"
+
+    _each_event(ctx, source, enqueue, "queued")
 
 
 @click.command("validate")
@@ -110,20 +101,34 @@ def validate(ctx: click.Context, source: IO[str]) -> None:
     The input is as for 'send': one JSON object, or JSON lines. Each line is reported as ok,
     invalid or not JSON, then the counts; the exit code is 1 when any event is invalid.
     """
-    valid = bad = 0
+
+    def check(item: _Item, valid: int) -> str:
+        validate_event(item.event)
+        return "ok"
+
+    _each_event(ctx, source, check, "valid")
+
+
+def _each_event(
+    ctx: click.Context, source: IO[str], act: Callable[[_Item, int], str], done: str
+) -> None:
+    """Run ``act`` (given the item and how many went well before it) on each event of ``source``
+    and report every line: what ``act`` returned, or why the event is invalid or not JSON; then
+    the counts. The exit code is 1 when any event is invalid."""
+    good = bad = 0
     for item in _events(source):
         problem = item.error or _not_an_object(item.event)
         if problem is None:
             try:
-                validate_event(item.event)
+                report = act(item, good)
             except InvalidEvent as exc:
                 problem = f"invalid: {format_messages(exc.messages)}"
             else:
-                valid += 1
-                click.echo(f"line {item.line}: ok")
+                good += 1
+                click.echo(f"line {item.line}: {report}")
                 continue
         bad += 1
         click.echo(f"line {item.line}: {problem}")
-    click.echo(f"{valid} valid, {bad} invalid")
+    click.echo(f"{good} {done}, {bad} invalid")
     if bad:
         ctx.exit(EXIT_FAILED)
