@@ -442,8 +442,9 @@ class _Batch:
 
     Without a rate-limit slot, the batch waits in the worker for at most :data:`BULK_PACE_S` in
     all, then hands the rest back (deferred); a 429 pause likewise. After
-    :attr:`Settings.soft_time_limit_s` it claims nothing more, so that a batch's run stays within
-    its task's time limit; what it did not claim is deferred with no wait.
+    :attr:`Settings.bulk_claim_window_s` it claims nothing more, so that a batch's run stays within
+    its task's time limit and the visibility timeout; what it did not claim is deferred with no
+    wait.
     """
 
     def __init__(
@@ -457,7 +458,7 @@ class _Batch:
         self.in_flight = 0
         self.width = deliverer.settings.bulk_concurrency
         started = time.monotonic()
-        self.stop_claiming_at = started + deliverer.settings.soft_time_limit_s
+        self.stop_claiming_at = started + deliverer.settings.bulk_claim_window_s
         self.pace_left_s = BULK_PACE_S
         self.resume_at = 0.0
         self.broken = False

@@ -74,6 +74,8 @@ TIME_LIMIT_MARGIN_S = 5.0
 HARD_LIMIT_GRACE_S = 5.0
 #: Seconds added on top of the longest wait plus the hard limit for the visibility timeout.
 VISIBILITY_MARGIN_S = 30.0
+#: The shortest time a batch of the bulk path claims events for, in seconds.
+BULK_MIN_CLAIM_WINDOW_S = 0.5
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -209,14 +211,21 @@ class Settings:
         return self.soft_time_limit_s + HARD_LIMIT_GRACE_S
 
     @property
+    def bulk_claim_window_s(self) -> float:
+        """How long a batch goes on claiming events (then it finishes the sends under way and
+        hands the rest back): one delivery's soft limit, or less when the visibility timeout
+        leaves less room beyond the longest wait and a delivery's hard limit."""
+        room = self.visibility_timeout_s - self.retry.longest_wait_s - self.time_limit_s
+        return max(BULK_MIN_CLAIM_WINDOW_S, min(self.soft_time_limit_s, room))
+
+    @property
     def bulk_soft_time_limit_s(self) -> float:
-        """A batch's soft limit: it claims events for at most one delivery's soft limit, then its
-        last sends get one more."""
-        return 2 * self.soft_time_limit_s
+        return self.bulk_claim_window_s + self.soft_time_limit_s
 
     @property
     def bulk_time_limit_s(self) -> float:
-        return self.bulk_soft_time_limit_s + HARD_LIMIT_GRACE_S
+        """A batch's hard limit; with its longest retry countdown, within the visibility timeout."""
+        return self.bulk_claim_window_s + self.time_limit_s
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -228,12 +237,13 @@ class Settings:
         """
         if self.visibility_timeout_override_s is not None:
             return self.visibility_timeout_override_s
-        return int(self.min_visibility_timeout_s + VISIBILITY_MARGIN_S)
+        return int(self.retry.longest_wait_s + self.time_limit_s + VISIBILITY_MARGIN_S)
 
     @property
     def min_visibility_timeout_s(self) -> float:
-        """Anything shorter hands a message that is still waiting or running to a second worker."""
-        return self.retry.longest_wait_s + max(self.time_limit_s, self.bulk_time_limit_s)
+        """Anything shorter hands a message that is still waiting or running to a second worker
+        (a batch needs at least a short claim window beyond a delivery's hard limit)."""
+        return self.retry.longest_wait_s + self.time_limit_s + BULK_MIN_CLAIM_WINDOW_S
 
     def app(self, app_id: str) -> AppConfig | None:
         return self.apps.get(app_id)

@@ -114,14 +114,15 @@ def test_chaos_repeated_sigkills_while_thousands_of_events_flow(
     start_beat: Callable[..., Worker],
     redis_client: redis.Redis,
 ) -> None:
-    # Given two workers, a beat running the reconciler, and thousands of events
-    events, kills, concurrency = 6000, 4, 8
+    # Given thousands of queued events, then two workers and a beat running the reconciler (queued
+    # first, so that the flow outlasts the kills however fast the producer is)
+    events, kills, concurrency = 5000, 4, 8
     env = CRASH_ENV | {"METRIX_RATE_LIMIT": "100000/s"}
     fake_metrix.set_latency(0.04)  # at most 16 / 0.04 = 400 events/s: kills land mid-flow
-    workers = [start_worker(fake_metrix.url, concurrency=concurrency, **env) for _ in range(2)]
-    start_beat(fake_metrix.url, **env)
     for i in range(events):
         producer.delay(APP_ID, make_event(metrixUserId=f"user-{i}"))
+    workers = [start_worker(fake_metrix.url, concurrency=concurrency, **env) for _ in range(2)]
+    start_beat(fake_metrix.url, **env)
     # When workers are SIGKILLed one after another while delivering, and replaced
     at_kills = []
     for _ in range(kills):

@@ -567,7 +567,7 @@ def test_the_visibility_timeout_outlasts_the_longest_wait_plus_the_hard_limits(
 
     longest = settings.retry.longest_wait_s
     assert settings.visibility_timeout_s > longest + settings.time_limit_s
-    assert settings.visibility_timeout_s > longest + settings.bulk_time_limit_s
+    assert settings.visibility_timeout_s >= longest + settings.bulk_time_limit_s
     assert isinstance(settings.visibility_timeout_s, int)
 
 
@@ -577,9 +577,11 @@ def test_the_soft_limit_lets_the_http_timeouts_fire_first(environ: dict[str, str
 
     assert settings.soft_time_limit_s > settings.connect_timeout_s + settings.read_timeout_s
     assert settings.time_limit_s > settings.soft_time_limit_s
-    # A batch claims for one delivery's soft limit, then its last sends need one more
-    assert settings.bulk_soft_time_limit_s >= 2 * settings.soft_time_limit_s
-    assert settings.bulk_time_limit_s > settings.bulk_soft_time_limit_s
+    # A batch claims for a while, then its last sends need a delivery's limits
+    window = settings.bulk_claim_window_s
+    assert 0 < window <= settings.soft_time_limit_s
+    assert settings.bulk_soft_time_limit_s == window + settings.soft_time_limit_s
+    assert settings.bulk_time_limit_s == window + settings.time_limit_s
 
 
 def test_with_defaults_a_crashed_workers_events_come_back_within_five_minutes() -> None:
@@ -625,8 +627,27 @@ def test_the_computed_visibility_timeout_is_above_its_own_minimum() -> None:
     settings = Settings.from_env({})
 
     assert settings.visibility_timeout_s > settings.min_visibility_timeout_s
-    assert settings.min_visibility_timeout_s == (
-        settings.retry.longest_wait_s + settings.bulk_time_limit_s
+    assert settings.min_visibility_timeout_s > (
+        settings.retry.longest_wait_s + settings.time_limit_s
+    )
+
+
+@pytest.mark.parametrize(
+    ("visibility", "window"),
+    [(None, 18.3), ("3600", 18.3), ("160", 16.7), ("144", 0.7)],
+    ids=["computed", "long", "a-little-room", "at-the-floor"],
+)
+def test_a_batch_claims_for_what_the_visibility_timeout_leaves(
+    visibility: str | None, window: float
+) -> None:
+    environ = {"METRIX_VISIBILITY_TIMEOUT": visibility} if visibility else {}
+    settings = Settings.from_env(environ)
+
+    assert settings.bulk_claim_window_s == pytest.approx(window)
+    # a batch's run plus its longest retry countdown stays within the visibility timeout
+    assert (
+        settings.bulk_time_limit_s + settings.retry.longest_wait_s
+        <= settings.visibility_timeout_s
     )
 
 
