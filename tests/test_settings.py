@@ -646,8 +646,7 @@ def test_a_batch_claims_for_what_the_visibility_timeout_leaves(
     assert settings.bulk_claim_window_s == pytest.approx(window)
     # a batch's run plus its longest retry countdown stays within the visibility timeout
     assert (
-        settings.bulk_time_limit_s + settings.retry.longest_wait_s
-        <= settings.visibility_timeout_s
+        settings.bulk_time_limit_s + settings.retry.longest_wait_s <= settings.visibility_timeout_s
     )
 
 
