@@ -78,6 +78,13 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        """The server's process id, once started."""
+        if self._proc is None:
+            raise RuntimeError("the embedded Redis is not running")
+        return self._proc.pid
+
     def start(self) -> EmbeddedRedis:
         if self.binary is None:
             raise ConfigurationError(

@@ -201,6 +201,15 @@ def _proc_status(pid: int, field: str) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children_of(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (from /proc, so no extra package)."""
     found = []
@@ -236,6 +245,10 @@ class Worker:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the worker and of its pool children so far."""
+        return sum(cpu_seconds(pid) for pid in [self.proc.pid, *children_of(self.proc.pid)])
 
     def peak_memory_mib(self) -> dict[str, Any]:
         """VmHWM (peak resident set) of the worker and of each child process, in MiB."""
@@ -281,10 +294,15 @@ class Sizes:
     profile_events: int
     prefork: bool
     default_celery_e2e: bool
+    informative: bool  # the end-to-end runs that are not about a target
 
 
-QUICK = Sizes(200, 2, 250, 300, 60, 40, 300, prefork=False, default_celery_e2e=False)
-DEFAULT = Sizes(300, 5, 1000, 2500, 500, 100, 1000, prefork=True, default_celery_e2e=True)
+QUICK = Sizes(
+    200, 2, 250, 300, 60, 40, 300, prefork=False, default_celery_e2e=False, informative=False
+)
+DEFAULT = Sizes(
+    300, 5, 1000, 2500, 500, 100, 1000, prefork=True, default_celery_e2e=True, informative=True
+)
 
 
 class Bench:
@@ -486,7 +504,7 @@ class Bench:
         worker = self.start_worker(app, pool, concurrency, tag, extra_env)
         timeout = 60 + n * 0.1
         try:
-            waited = self._wait_for(n, worker, timeout, label)
+            waited, cpu = self._wait_for(n, worker, timeout, label)
             memory = worker.peak_memory_mib()
         finally:
             worker.stop()
@@ -511,18 +529,34 @@ class Bench:
             "messages": messages,
             "enqueue_s": round(enqueue_s, 2),
             "peak_memory": memory,
+            "cpu_ms_per_event": cpu,
             "setting": note,
             "informative": informative or note is not None,
         }
 
-    def _wait_for(self, n: int, worker: Worker, timeout: float, label: str) -> float:
+    def _wait_for(
+        self, n: int, worker: Worker, timeout: float, label: str
+    ) -> tuple[float, dict[str, float]]:
+        """Wait until ``n`` events were accepted; the seconds waited, and the CPU time per event
+        of the worker (with its pool children) and of Redis, from the first event accepted to the
+        last (so the worker's start-up is left out)."""
         started = time.monotonic()
         deadline = started + timeout
+        first: tuple[int, float, float] | None = None
+        redis_pid = self.redis_server.pid
         while True:
             received = self.fake.requests
             accepted = sum(1 for r in received if r.status == 200)
+            if accepted and first is None:
+                first = (accepted, worker.cpu_seconds(), cpu_seconds(redis_pid))
             if accepted >= n:
-                return time.monotonic() - started
+                count, worker_cpu, redis_cpu = first or (0, 0.0, 0.0)
+                events = max(1, accepted - count)
+                cpu = {
+                    "worker": round((worker.cpu_seconds() - worker_cpu) / events * 1000, 2),
+                    "redis": round((cpu_seconds(redis_pid) - redis_cpu) / events * 1000, 2),
+                }
+                return time.monotonic() - started, cpu
             if worker.proc.poll() is not None:
                 raise BenchError(
                     f"{label}: the worker exited ({worker.proc.returncode}) after {accepted} of "
@@ -784,6 +818,8 @@ def plan(sizes: Sizes) -> list[list[Run]]:
             [Run("bare_default", "threads", THREADS, latency, n) for latency in (0.0, 0.05)]
         )
     groups.append([Run("bulk", "threads", THREADS, latency, n) for latency in (0.0, 0.05)])
+    if not sizes.informative:
+        return groups
     # Informative, not targets: a quarter of the default bulk concurrency, and another pool size.
     narrow = {"METRIX_BULK_CONCURRENCY": str(BULK_CONCURRENCY // 4)}
     groups.append([Run("bulk", "threads", THREADS, 0.05, n, narrow)])
@@ -860,6 +896,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peak_memory": max(
                     (r["peak_memory"] for r in same), key=lambda m: float(m["total_mib"])
                 ),
+                "cpu_ms_per_event": {
+                    part: round(statistics.median(r["cpu_ms_per_event"][part] for r in same), 2)
+                    for part in ("worker", "redis")
+                },
             }
         )
     return rows
@@ -1010,14 +1050,18 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
     add = out.append
     add("")
     add("End to end: events enqueued first, then the worker started; events/s at the fake server")
-    add("(first accepted to last); peak RSS = VmHWM of the worker process (+ its pool children)")
+    add("(first accepted to last); CPU ms/event = CPU time of the worker (with its pool children)")
+    add("+ of Redis, per event over the same span; peak RSS = VmHWM of the worker process (+ its")
+    add("pool children)")
     rounds = max(r["rounds"] for r in rows)
     if rounds > 1:
         add(f"events/s: the median of {rounds} rounds, then the lowest and the highest")
     width = 10 if rounds > 1 else 0  # the range column, only for several rounds
     header = ("pool", "latency", "path", "events", "events/s", "range" if width else "")
     add(
-        "  {:<11} {:>7}  {:<42} {:>6} {:>9} {:>{w}} {:>12}".format(*header, "peak RSS MiB", w=width)
+        "  {:<11} {:>7}  {:<42} {:>6} {:>9} {:>{w}} {:>13} {:>12}".format(
+            *header, "CPU ms/event", "peak RSS MiB", w=width
+        )
     )
     for r in rows:
         mem = r["peak_memory"]
@@ -1032,9 +1076,11 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
             what += ", " + r["setting"].replace("METRIX_BULK_CONCURRENCY=", "") + " at once"
         if r["informative"]:
             what += " (*)"
+        cpu = f"{r['cpu_ms_per_event']['worker']:.2f} + {r['cpu_ms_per_event']['redis']:.2f}"
         add(
             f"  {r['pool'] + ' ' + str(r['concurrency']):<11} {r['latency_ms']:>4} ms  "
-            f"{what:<42} {r['events']:>6} {r['events_per_s']:>9.1f} {spread:>{width}} {rss:>12}"
+            f"{what:<42} {r['events']:>6} {r['events_per_s']:>9.1f} {spread:>{width}} {cpu:>13} "
+            f"{rss:>12}"
         )
         if r["duplicates"] or r["non_200"]:
             add(f"      (!) duplicates {r['duplicates']}, non-200 answers {r['non_200']}")
