@@ -230,7 +230,7 @@ def test_a_batch_hands_back_what_it_would_wait_too_long_for(
     outcomes = d.deliver_many(APP_ID, items(20))
     # Then a few seconds' worth went out, and the rest is deferred until the app has slots again
     sent = actions(outcomes)["delivered"]
-    assert 4 <= sent <= 9
+    assert 3 <= sent <= 12  # about 1 s of pacing at 5/s, plus the burst and the max wait
     assert actions(outcomes)["defer"] == 20 - sent
     assert len(fake_metrix.requests) == sent
     deferred = [r for _, _, r in outcomes if r is not None and r.action is Action.DEFER]
