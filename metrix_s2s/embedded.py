@@ -149,19 +149,34 @@ def embedded_urls(data_dir: str) -> tuple[str, str]:
     return f"redis+socket://{sock}", f"unix://{sock}"
 
 
+#: (process id, data directory) of the embedded servers this process saw answer.
+_seen_running: set[tuple[int, str]] = set()
+
+
 def ensure_embedded(data_dir: str) -> str:
     """Start the embedded Redis unless it already answers; return its redis-py URL.
 
-    A lock file keeps two processes that start at once from starting two servers.
+    A lock file keeps two processes that start at once from starting two servers. Once it has
+    answered, later calls in the same process return at once (a server stopped since then shows
+    up as the broker being down).
     """
     _, url = embedded_urls(data_dir)
-    if answers(url):
+    seen = (os.getpid(), os.path.abspath(data_dir))
+    if seen in _seen_running:
         return url
+    _start_unless_running(data_dir, url)
+    _seen_running.add(seen)
+    return url
+
+
+def _start_unless_running(data_dir: str, url: str) -> None:
+    if answers(url):
+        return
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     with open(os.path.join(data_dir, "start.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if answers(url):
-            return url
+            return
         binary = find_redis_server()
         if binary is None:
             raise ConfigurationError(
@@ -185,12 +200,12 @@ def ensure_embedded(data_dir: str) -> str:
                     f"the embedded Redis did not start; see {os.path.join(directory, 'redis.log')}"
                 )
             time.sleep(0.05)
-    return url
 
 
 def stop_embedded(data_dir: str) -> bool:
     """Stop the embedded Redis (its data stays on disk); ``False`` if it was not running."""
     _, url = embedded_urls(data_dir)
+    _seen_running.discard((os.getpid(), os.path.abspath(data_dir)))
     if not answers(url):
         return False
     client = redis.Redis.from_url(url)

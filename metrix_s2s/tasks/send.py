@@ -29,6 +29,7 @@ from ..backoff import compute_backoff
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
 from ..schema import now_ms, validate_event
+from ..settings import start_embedded_for
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
@@ -103,6 +104,7 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         normalized = validate_event(event)
         event_id = task_id or str(uuid.uuid4())
         options.update(_display(app_id, normalized))
+        start_embedded_for(self.app.conf.broker_url)
         try:
             result = super().apply_async((app_id, normalized), None, event_id, *more, **options)
         except PUBLISH_ERRORS as exc:
