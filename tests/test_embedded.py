@@ -40,6 +40,20 @@ def bare_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def publish_one(env: dict[str, str]) -> None:
+    """``send_metrix_event.delay()`` of one event in a plain script, with ``env``."""
+    code = (
+        "import json, sys\n"
+        "from metrix_s2s import send_metrix_event\n"
+        "print(send_metrix_event.delay(sys.argv[1], json.loads(sys.argv[2])).id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, APP_ID, json.dumps(make_event())],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
 def test_worker_and_producer_share_the_embedded_redis_with_nothing_configured(
     data_dir: Path, fake_metrix: FakeMetrix, tmp_path: Path
 ) -> None:
@@ -55,16 +69,7 @@ def test_worker_and_producer_share_the_embedded_redis_with_nothing_configured(
         "ready.",
     )
     try:
-        code = (
-            "import json, sys\n"
-            "from metrix_s2s import send_metrix_event\n"
-            "print(send_metrix_event.delay(sys.argv[1], json.loads(sys.argv[2])).id)\n"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code, APP_ID, json.dumps(make_event())],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        publish_one(env)
         # Then the worker delivers it, through the one embedded Redis in the data directory
         assert fake_metrix.wait_for(1, timeout=30)
         assert fake_metrix.accepted[0].body["metrixUserId"] == make_event()["metrixUserId"]
@@ -113,16 +118,7 @@ def test_importing_or_inspecting_the_task_starts_nothing_the_first_publish_does(
     # Then no embedded Redis was started
     assert not (data_dir / "redis.sock").exists()
     # But the first .delay() starts it, and the event is queued there
-    publish = (
-        "import json, sys\n"
-        "from metrix_s2s import send_metrix_event\n"
-        "print(send_metrix_event.delay(sys.argv[1], json.loads(sys.argv[2])).id)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", publish, APP_ID, json.dumps(make_event())],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    publish_one(env)
     _, url = embedded_urls(str(data_dir))
     client = redis.Redis.from_url(url)
     try:
