@@ -4,15 +4,21 @@ knows no dev-key and names its broker only in the framework's own settings) and 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from conftest import Worker, _launch, worker_env
+import redis
+from conftest import APP_ID, DEV_KEY, Worker, _launch, worker_env
+from fake_metrix import FakeMetrix
 
 from metrix_s2s.tasks import QUEUE
 
@@ -85,3 +91,43 @@ def project_workers(
     finally:
         for worker in started:
             worker.stop()
+
+
+def run_web(project: Project, client: str, *requests: dict[str, Any]) -> tuple[Any, str]:
+    """Serve ``requests`` in the project's own web process (``integrations/<client>``): the JSON
+    of its last line of output, and the end of its stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(INTEGRATIONS / client)],
+        input=json.dumps(list(requests)),
+        env=project.web_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1]), proc.stderr[-3000:]
+
+
+def queued(client: redis.Redis, queue: str = QUEUE) -> list[dict[str, Any]]:
+    """The messages waiting in ``queue`` (kombu's Redis transport), oldest first."""
+    return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
+
+
+def task_args(message: dict[str, Any]) -> list[Any]:
+    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return list(args)
+
+
+def pending(client: redis.Redis) -> dict[str, list[Any]]:
+    """metrix-s2s's pending records: event id -> [app id, event]."""
+    return {k.decode(): json.loads(v) for k, v in client.hgetall("metrix:pending:msg").items()}
+
+
+def assert_delivered_once(fake: FakeMetrix, event: dict[str, Any]) -> None:
+    assert fake.wait_for(1, timeout=15), f"not delivered: {fake.stats()}"
+    (received,) = fake.requests
+    assert received.status == 200
+    assert received.app_id == APP_ID
+    assert received.body == event
+    assert received.headers["Authorization"] == DEV_KEY

@@ -15,19 +15,24 @@ names the app it runs.
 
 from __future__ import annotations
 
-import base64
-import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
+from conftest import APP_ID, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
-from projects import EVENT_TIME, INTEGRATIONS, Project, project_workers
+from projects import (
+    EVENT_TIME,
+    Project,
+    assert_delivered_once,
+    pending,
+    project_workers,
+    queued,
+    run_web,
+    task_args,
+)
 
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 
@@ -57,48 +62,14 @@ def start_project_worker(project: Project, tmp_path: Path) -> Iterator[Callable[
         yield start
 
 
-def run_web(project: Project, *requests: dict[str, Any]) -> dict[str, Any]:
-    """Serve ``requests`` in the Django project's own process; its answers and the orders table."""
-    proc = subprocess.run(
-        [sys.executable, str(INTEGRATIONS / "django_client.py")],
-        input=json.dumps(list(requests)),
-        env=project.web_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
-    return result
-
-
-def queued(client: redis.Redis, queue: str = QUEUE) -> list[dict[str, Any]]:
-    """The messages waiting in ``queue`` (kombu's Redis transport), oldest first."""
-    return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
-
-
-def task_args(message: dict[str, Any]) -> list[Any]:
-    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-    return list(args)
-
-
-def pending(client: redis.Redis) -> dict[str, list[Any]]:
-    """metrix-s2s's pending records: event id -> [app id, event]."""
-    return {k.decode(): json.loads(v) for k, v in client.hgetall("metrix:pending:msg").items()}
-
-
 def purchase(user: str, view: str = "purchase", via: str = "client") -> dict[str, Any]:
     return {"view": view, "via": via, "event": make_event(metrixUserId=user, eventTime=EVENT_TIME)}
 
 
-def assert_delivered_once(fake: FakeMetrix, event: dict[str, Any]) -> None:
-    assert fake.wait_for(1, timeout=15), f"not delivered: {fake.stats()}"
-    (received,) = fake.requests
-    assert received.status == 200
-    assert received.app_id == APP_ID
-    assert received.body == event
-    assert received.headers["Authorization"] == DEV_KEY
+def serve(project: Project, *requests: dict[str, Any]) -> dict[str, Any]:
+    """Serve ``requests`` in the Django project's own process; its answers and the orders table."""
+    result: dict[str, Any] = run_web(project, "django_client.py", *requests)[0]
+    return result
 
 
 def test_a_committed_purchase_is_published_through_the_projects_app_and_delivered(
@@ -109,7 +80,7 @@ def test_a_committed_purchase_is_published_through_the_projects_app_and_delivere
 ) -> None:
     # Given a purchase view that enqueues with transaction.on_commit, When it commits
     request = purchase("buyer-1")
-    out = run_web(project, request)
+    out = serve(project, request)
     (answer,) = out["responses"]
     assert answer["status"] == 200, answer
     assert out["orders"] == ["buyer-1"]
@@ -150,7 +121,7 @@ def test_a_rolled_back_purchase_is_never_published(
     declined = purchase("declined-buyer", view="purchase/rolled-back")
     paid = purchase("paying-buyer")
     # When both are served
-    out = run_web(project, declined, paid)
+    out = serve(project, declined, paid)
     assert [r["status"] for r in out["responses"]] == [409, 200], out["responses"]
     assert out["orders"] == ["paying-buyer"]  # the declined row was rolled back
     # Then only the committed one reached the broker and metrix-s2s's pending records
@@ -181,7 +152,7 @@ def test_a_request_served_in_a_threaded_wsgi_server_publishes_through_the_projec
     # each request runs in a thread that never made a Celery app current
     request = purchase("buyer-over-http", via="server")
     # When a purchase is posted to it over HTTP
-    (answer,) = run_web(project, request)["responses"]
+    (answer,) = serve(project, request)["responses"]
     # Then send_metrix_event still resolves to the project's app in that thread
     assert answer["status"] == 200, answer
     assert answer["body"]["in_main_thread"] is False
@@ -202,7 +173,7 @@ def test_delay_on_commit_is_the_short_form_of_on_commit(
     # Given a view that calls send_metrix_event.delay_on_commit(...) inside its transaction
     request = purchase("buyer-on-commit", view="purchase/delay-on-commit")
     # When it commits
-    (answer,) = run_web(project, request)["responses"]
+    (answer,) = serve(project, request)["responses"]
     # Then it answers, the event is published once, and a worker delivers it
     assert answer["status"] == 200, answer["error"]
     assert len(queued(redis_client)) == 1

@@ -14,7 +14,6 @@ request, and the worker's banner names the app it runs.
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -24,9 +23,18 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
+from conftest import APP_ID, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
-from projects import EVENT_TIME, INTEGRATIONS, Project, project_workers
+from projects import (
+    EVENT_TIME,
+    Project,
+    assert_delivered_once,
+    pending,
+    project_workers,
+    queued,
+    run_web,
+    task_args,
+)
 
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 
@@ -54,45 +62,17 @@ def start_flask_worker(project: Project, tmp_path: Path) -> Iterator[Callable[[]
         yield start
 
 
-def run_web(project: Project, *requests: dict[str, Any]) -> list[dict[str, Any]]:
-    """Serve ``requests`` in the Flask app's own process; its answers (with its stderr)."""
-    proc = subprocess.run(
-        [sys.executable, str(INTEGRATIONS / "flask_client.py")],
-        input=json.dumps(list(requests)),
-        env=project.web_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    responses: list[dict[str, Any]] = json.loads(proc.stdout.splitlines()[-1])["responses"]
-    for response in responses:
-        response["stderr"] = proc.stderr[-3000:]
-    return responses
-
-
-def queued(client: redis.Redis, queue: str = QUEUE) -> list[dict[str, Any]]:
-    """The messages waiting in ``queue`` (kombu's Redis transport), oldest first."""
-    return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
-
-
-def task_args(message: dict[str, Any]) -> list[Any]:
-    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-    return list(args)
-
-
 def purchase(user: str, via: str = "client") -> dict[str, Any]:
     return {"via": via, "event": make_event(metrixUserId=user, eventTime=EVENT_TIME)}
 
 
-def assert_delivered_once(fake: FakeMetrix, event: dict[str, Any]) -> None:
-    assert fake.wait_for(1, timeout=15), f"not delivered: {fake.stats()}"
-    (received,) = fake.requests
-    assert received.status == 200
-    assert received.app_id == APP_ID
-    assert received.body == event
-    assert received.headers["Authorization"] == DEV_KEY
+def serve(project: Project, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+    """Serve ``requests`` in the Flask app's own process; its answers (with its stderr)."""
+    result, stderr = run_web(project, "flask_client.py", *requests)
+    responses: list[dict[str, Any]] = result["responses"]
+    for response in responses:
+        response["stderr"] = stderr
+    return responses
 
 
 def test_a_purchase_is_published_through_the_flask_apps_celery_app_and_delivered(
@@ -103,7 +83,7 @@ def test_a_purchase_is_published_through_the_flask_apps_celery_app_and_delivered
 ) -> None:
     # Given the Flask app, When a purchase is posted through its test client
     request = purchase("flask-buyer")
-    (answer,) = run_web(project, request)
+    (answer,) = serve(project, request)
     assert answer["status"] == 202, answer
     event_id = answer["body"]["event_id"]
     # Then send_metrix_event resolved to the Flask app's Celery app, which published to the broker
@@ -116,10 +96,7 @@ def test_a_purchase_is_published_through_the_flask_apps_celery_app_and_delivered
     assert redis_client.llen("celery") == 0
     # And metrix-s2s recorded it as pending in that same Redis (its state follows the broker)
     assert redis_client.zrange("metrix:pending", 0, -1) == [event_id.encode()]
-    assert json.loads(redis_client.hget("metrix:pending:msg", event_id) or "null") == [
-        APP_ID,
-        request["event"],
-    ]
+    assert pending(redis_client).get(event_id) == [APP_ID, request["event"]]
 
     # When a worker of the Flask app's Celery app runs
     worker = start_flask_worker()
@@ -146,7 +123,7 @@ def test_a_request_served_in_a_threaded_server_publishes_through_the_flask_apps_
     worker = start_flask_worker()
     request = purchase("flask-buyer-over-http", via="server")
     # When a purchase is posted to it over HTTP
-    (answer,) = run_web(project, request)
+    (answer,) = serve(project, request)
     # Then send_metrix_event resolves to the Flask app's Celery app in that thread
     assert answer["status"] == 202, answer
     assert answer["body"]["in_main_thread"] is False
@@ -160,7 +137,7 @@ def test_an_invalid_event_is_refused_in_the_request_and_nothing_is_published(
     project: Project, redis_client: redis.Redis
 ) -> None:
     # Given an event with eventTime in seconds, When it is posted
-    (answer,) = run_web(project, {"via": "client", "event": make_event(eventTime=1_700_000_000)})
+    (answer,) = serve(project, {"via": "client", "event": make_event(eventTime=1_700_000_000)})
     # Then the view answers 400 with marshmallow's message, and nothing reaches the broker
     assert answer["status"] == 400, answer
     assert "milliseconds" in " ".join(answer["body"]["errors"]["eventTime"])

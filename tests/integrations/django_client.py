@@ -11,9 +11,9 @@ import json
 import os
 import sys
 import threading
-import urllib.error
-import urllib.request
 from typing import Any
+
+from webclient import as_json, post_over_http
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djangoproj.settings")
 
@@ -43,7 +43,7 @@ def main() -> int:
                 responses.append(
                     {
                         "status": response.status_code,
-                        "body": _json(response.content),
+                        "body": as_json(response.content),
                         "error": repr(exc_info[1]) if exc_info else None,
                     }
                 )
@@ -53,15 +53,7 @@ def main() -> int:
                 server.set_app(get_wsgi_application())
                 threading.Thread(target=server.serve_forever, daemon=True).start()
             url = f"http://127.0.0.1:{server.server_address[1]}{path}"
-            post = urllib.request.Request(
-                url, data.encode(), {"Content-Type": "application/json"}, method="POST"
-            )
-            try:
-                with urllib.request.urlopen(post, timeout=30) as answer:
-                    status, content = answer.status, answer.read()
-            except urllib.error.HTTPError as exc:
-                status, content = exc.code, exc.read()
-            responses.append({"status": status, "body": _json(content), "error": None})
+            responses.append(post_over_http(url, data.encode()) | {"error": None})
     finally:
         if server is not None:
             server.shutdown()
@@ -69,13 +61,6 @@ def main() -> int:
     orders = list(Order.objects.order_by("pk").values_list("user_id", flat=True))
     print(json.dumps({"responses": responses, "orders": orders}))
     return 0
-
-
-def _json(content: bytes) -> Any:
-    try:
-        return json.loads(content)
-    except ValueError:
-        return content.decode(errors="replace")[:2000]
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ its own. stdout: ``{"responses": [{"status", "body"}...]}``.
 import json
 import sys
 import threading
-import urllib.error
-import urllib.request
 from typing import Any
 
 from flaskapp import app
+from webclient import post_over_http
 from werkzeug.serving import BaseWSGIServer, make_server
 
 
@@ -32,31 +31,14 @@ def main() -> int:
             if server is None:
                 server = make_server("127.0.0.1", 0, app, threaded=True)
                 threading.Thread(target=server.serve_forever, daemon=True).start()
-            post = urllib.request.Request(
-                f"http://127.0.0.1:{server.server_port}/purchase",
-                json.dumps(request["event"]).encode(),
-                {"Content-Type": "application/json"},
-                method="POST",
-            )
-            try:
-                with urllib.request.urlopen(post, timeout=30) as answer:
-                    status, content = answer.status, answer.read()
-            except urllib.error.HTTPError as exc:
-                status, content = exc.code, exc.read()
-            responses.append({"status": status, "body": _json(content)})
+            url = f"http://127.0.0.1:{server.server_port}/purchase"
+            responses.append(post_over_http(url, json.dumps(request["event"]).encode()))
     finally:
         if server is not None:
             server.shutdown()
             server.server_close()
     print(json.dumps({"responses": responses}))
     return 0
-
-
-def _json(content: bytes) -> Any:
-    try:
-        return json.loads(content)
-    except ValueError:
-        return content.decode(errors="replace")[:2000]
 
 
 if __name__ == "__main__":
