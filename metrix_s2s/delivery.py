@@ -35,7 +35,7 @@ from .logs import log_outcome
 from .outcome import Kind, Outcome
 from .ratelimit import RateLimit
 from .redis_client import get_redis
-from .schema import now_ms, validate_event
+from .schema import now_ms, validate_app_id, validate_event
 from .settings import AppConfig, Settings, get_settings
 
 logger = logging.getLogger("metrix_s2s.delivery")
@@ -155,8 +155,7 @@ class Deliverer:
     def _check(self, app_id: Any, event: Any, event_id: str) -> tuple[AppConfig, Any] | _Decision:
         """The app's configuration and the validated event, or the dead letter of a bad one."""
         try:
-            if not isinstance(app_id, str) or not app_id.strip():
-                raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+            validate_app_id(app_id)
             normalized = validate_event(event)
         except InvalidEvent as exc:
             detail = format_messages(exc.messages)

@@ -193,6 +193,13 @@ class EventSchema(Schema):
             )
 
 
+def validate_app_id(app_id: Any) -> str:
+    """An app id must be a non-empty string; raises :class:`InvalidEvent` otherwise."""
+    if not isinstance(app_id, str) or not app_id.strip():
+        raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+    return app_id
+
+
 def validate_event(event: Any, *, now: int | None = None) -> dict[str, Any]:
     """Validate and normalise one event; stamp ``eventTime`` with ``now`` when it is absent.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..embedded import answers, embedded_urls, stop_embedded
+from ..settings import Settings
 from .app import current_state
 
 
@@ -17,9 +18,8 @@ def embedded() -> None:
 @click.pass_context
 def embedded_status(ctx: click.Context) -> None:
     """Say whether the embedded Redis runs, and where its data lives."""
-    settings = current_state(ctx).settings
-    if settings is None or not settings.embedded:
-        click.echo("not in use: a broker is configured (CELERY_BROKER_URL or METRIX_REDIS_URL)")
+    settings = _in_use(ctx)
+    if settings is None:
         return
     _, url = embedded_urls(settings.data_dir)
     state = "running" if answers(url) else "stopped"
@@ -30,9 +30,17 @@ def embedded_status(ctx: click.Context) -> None:
 @click.pass_context
 def embedded_stop(ctx: click.Context) -> None:
     """Stop the embedded Redis; its data stays on disk for the next start."""
-    settings = current_state(ctx).settings
-    if settings is None or not settings.embedded:
-        click.echo("not in use: a broker is configured (CELERY_BROKER_URL or METRIX_REDIS_URL)")
+    settings = _in_use(ctx)
+    if settings is None:
         return
     stopped = stop_embedded(settings.data_dir)
     click.echo("stopped" if stopped else "was not running")
+
+
+def _in_use(ctx: click.Context) -> Settings | None:
+    """The settings when they name the embedded Redis; otherwise say it is not in use."""
+    settings = current_state(ctx).settings
+    if settings is None or not settings.embedded:
+        click.echo("not in use: a broker is configured (CELERY_BROKER_URL or METRIX_REDIS_URL)")
+        return None
+    return settings

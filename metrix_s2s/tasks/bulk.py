@@ -22,9 +22,9 @@ from celery.local import Proxy
 
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
-from ..schema import validate_event
+from ..schema import validate_app_id, validate_event
 from ..settings import start_embedded_for
-from .send import PUBLISH_ERRORS, SendEventTask, _producer_app, mark_pending, masked
+from .send import PUBLISH_ERRORS, SendEventTask, _producer_app, mark_pending, masked, unpack
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
@@ -34,15 +34,7 @@ EVENT_IDS_HEADER = "metrix_event_ids"
 
 
 def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
-    params = dict(kwargs or {})
-    positional = list(args or ())
-    for name in ("app_id", "events")[len(positional) :]:
-        if name not in params:
-            raise TypeError(f"send_metrix_events() missing required argument: {name!r}")
-        positional.append(params.pop(name))
-    if len(positional) != 2 or params:
-        raise TypeError("send_metrix_events() takes exactly (app_id, events)")
-    return positional[0], positional[1]
+    return unpack(args, kwargs, ("app_id", "events"), "send_metrix_events")
 
 
 def _options(app_id: str, items: list[list[Any]], options: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +64,7 @@ class SendEventsTask(SendEventTask):
         if options.get("retries"):  # a smaller batch going back after a retryable failure
             opts = _options(app_id, events, options)
             return super(SendEventTask, self).apply_async(args, kwargs, task_id, *more, **opts)
-        if not isinstance(app_id, str) or not app_id.strip():
-            raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+        validate_app_id(app_id)
         if not isinstance(events, list | tuple) or not events:
             raise InvalidEvent({"events": ["Must be a non-empty list of events."]})
         normalized: list[dict[str, Any]] = []

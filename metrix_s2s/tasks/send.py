@@ -27,8 +27,8 @@ from celery.worker.request import Request
 
 from ..backoff import compute_backoff
 from ..delivery import Action, get_deliverer
-from ..errors import EnqueueError, InvalidEvent
-from ..schema import now_ms, validate_event
+from ..errors import EnqueueError
+from ..schema import now_ms, validate_app_id, validate_event
 from ..settings import start_embedded_for
 
 logger = logging.getLogger("metrix_s2s.tasks")
@@ -44,17 +44,23 @@ INFRA_BACKOFF_MAX_S = 60.0
 PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.ConnectionError, OSError)
 
 
-def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
+def unpack(
+    args: Any, kwargs: Mapping[str, Any] | None, names: tuple[str, str], task: str
+) -> tuple[Any, Any]:
+    """The two arguments ``names`` of ``task`` from ``.apply_async()``'s ``args`` and ``kwargs``."""
     params = dict(kwargs or {})
     positional = list(args or ())
-    names = ("app_id", "event")
     for name in names[len(positional) :]:
         if name not in params:
-            raise TypeError(f"send_metrix_event() missing required argument: {name!r}")
+            raise TypeError(f"{task}() missing required argument: {name!r}")
         positional.append(params.pop(name))
     if len(positional) != 2 or params:
-        raise TypeError("send_metrix_event() takes exactly (app_id, event)")
+        raise TypeError(f"{task}() takes exactly ({', '.join(names)})")
     return positional[0], positional[1]
+
+
+def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    return unpack(args, kwargs, ("app_id", "event"), "send_metrix_event")
 
 
 class MaskedRequest(Request):  # type: ignore[misc]
@@ -79,8 +85,7 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
     def delay_on_commit(self, app_id: Any, event: Any, *, using: str | None = None) -> None:
         """Django: validate now (raising :class:`InvalidEvent` in the view), enqueue when the
         current database transaction commits, and never if it rolls back."""
-        if not isinstance(app_id, str) or not app_id.strip():
-            raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+        validate_app_id(app_id)
         normalized = validate_event(event)
         from django.db import transaction
 
@@ -99,8 +104,7 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
             options.update(_display(*_unpack(args, kwargs)))
             return super().apply_async(args, kwargs, task_id, *more, **options)
         app_id, event = _unpack(args, kwargs)
-        if not isinstance(app_id, str) or not app_id.strip():
-            raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+        validate_app_id(app_id)
         normalized = validate_event(event)
         event_id = task_id or str(uuid.uuid4())
         options.update(_display(app_id, normalized))
