@@ -35,6 +35,20 @@ CRASH_ENV = {
 }
 
 
+def all_delivered(fake: FakeMetrix, events: int, timeout: float) -> Counter[str]:
+    """Wait until each of the ``events`` users' events was accepted; then, a second later (for
+    any late repeat), how often each was."""
+
+    def all_seen() -> bool:
+        return len({r.body["metrixUserId"] for r in fake.accepted}) == events
+
+    assert wait_until(all_seen, timeout=timeout, interval=0.5), (
+        f"{events - len({r.body['metrixUserId'] for r in fake.accepted})} events lost"
+    )
+    time.sleep(1)
+    return Counter(r.body["metrixUserId"] for r in fake.accepted)
+
+
 def test_sigkill_mid_delivery_loses_nothing(
     producer: Any,
     fake_metrix: FakeMetrix,
@@ -103,14 +117,9 @@ def test_sigkill_mid_batch_loses_nothing_and_repeats_only_the_sends_on_the_wire(
     start_worker(fake_metrix.url, concurrency=CONCURRENCY, **env)
 
     # Then every event is delivered in the end
-    def all_seen() -> bool:
-        return len({r.body["metrixUserId"] for r in fake_metrix.accepted}) == events
-
-    assert wait_until(all_seen, timeout=90, interval=0.5), "events were lost"
-    time.sleep(1)
+    seen = all_delivered(fake_metrix, events, timeout=90)
     # And only the sends on the wire at the kill were repeated: every event recorded as delivered
     # was skipped, since a batch records its finished sends within milliseconds
-    seen = Counter(r.body["metrixUserId"] for r in fake_metrix.accepted)
     duplicates = sum(seen.values()) - events
     print(f"\nbatch: delivered before the kill: {delivered_before_kill}; duplicates: {duplicates}")
     assert duplicates <= width
@@ -171,14 +180,7 @@ def test_chaos_repeated_sigkills_while_thousands_of_events_flow(
     assert at_kills[-1] < events, f"the flow ended before the last kill: {at_kills}"
 
     # Then every event is delivered in the end
-    def all_seen() -> bool:
-        return len({r.body["metrixUserId"] for r in fake_metrix.accepted}) == events
-
-    assert wait_until(all_seen, timeout=150, interval=0.5), (
-        f"{events - len({r.body['metrixUserId'] for r in fake_metrix.accepted})} events lost"
-    )
-    time.sleep(1)
-    seen = Counter(r.body["metrixUserId"] for r in fake_metrix.accepted)
+    seen = all_delivered(fake_metrix, events, timeout=150)
     duplicates = sum(seen.values()) - events
     print(
         f"\nchaos: {events} events, {kills} SIGKILLs (delivered by then: {at_kills}), "
