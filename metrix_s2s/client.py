@@ -39,7 +39,7 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
 
 
 class _Transport:
-    """One process's session, its adapter, and each app's prepared headers."""
+    """One process's session, its adapter, and each app's URL and prepared headers."""
 
     def __init__(self, pool_size: int) -> None:
         # No transport-level retries: retrying is the task's job, with backoff and a budget.
@@ -50,7 +50,7 @@ class _Transport:
         session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
         session.trust_env = False  # no proxy or .netrc surprises in a worker
         self.pid = os.getpid()
-        self.headers: dict[tuple[str, str], CaseInsensitiveDict[str]] = {}
+        self.prepared: dict[tuple[str, str], tuple[str, CaseInsensitiveDict[str]]] = {}
 
 
 class MetrixClient:
@@ -92,12 +92,13 @@ class MetrixClient:
         self, transport: _Transport, app_id: str, dev_key: str, body: bytes
     ) -> requests.PreparedRequest:
         """The POST of ``body`` for ``app_id``: what ``Session.prepare_request`` would build."""
-        url = self.url_for(app_id)
-        headers = transport.headers.get((app_id, dev_key))
-        if headers is None:
+        prepared = transport.prepared.get((app_id, dev_key))
+        if prepared is None:
+            url = self.url_for(app_id)
             template = requests.Request("POST", url, headers={"Authorization": dev_key})
-            headers = transport.session.prepare_request(template).headers
-            transport.headers[(app_id, dev_key)] = headers
+            prepared = url, transport.session.prepare_request(template).headers
+            transport.prepared[(app_id, dev_key)] = prepared
+        url, headers = prepared
         request = requests.PreparedRequest()
         request.method = "POST"
         request.url = url
