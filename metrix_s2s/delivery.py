@@ -341,12 +341,16 @@ class Deliverer:
         return int(min(wanted, policy.retry_after_max_s) * 1000)
 
     def dead_letter_error(
-        self, app_id: Any, event: Any, event_id: str, exc: BaseException, token: str = ""
+        self, app_id: Any, event: Any, event_id: str, exc: BaseException
     ) -> Result:
         """Park an event whose delivery failed inside the worker (a bug, not Metrix's answer)."""
+        return self._conclude(str(app_id), self._internal_error(app_id, event, event_id, exc))
+
+    def _internal_error(
+        self, app_id: Any, event: Any, event_id: str, exc: BaseException, token: str = ""
+    ) -> _Decision:
         detail = f"internal error: {type(exc).__name__}: {exc}"[:500]
-        dead = self._dead(app_id, event, event_id, Reason.POISON, detail=detail, token=token)
-        return self._conclude(str(app_id), dead)
+        return self._dead(app_id, event, event_id, Reason.POISON, detail=detail, token=token)
 
     def _dead(
         self,
@@ -561,14 +565,8 @@ class _Batch:
                     entry.event_id,
                     exc_info=outcome,
                 )
-                detail = f"internal error: {type(outcome).__name__}: {outcome}"[:500]
-                dead = self.d._dead(
-                    self.app.app_id,
-                    entry.event,
-                    entry.event_id,
-                    Reason.POISON,
-                    detail=detail,
-                    token=sent.token,
+                dead = self.d._internal_error(
+                    self.app.app_id, entry.event, entry.event_id, outcome, token=sent.token
                 )
                 decisions.append((entry.index, dead))
             else:
