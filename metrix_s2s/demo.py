@@ -24,7 +24,7 @@ from typing import Any
 
 from .deadletter import DeadLetterStore, Reason
 from .embedded import EmbeddedRedis
-from .fakeserver import FakeMetrix
+from .testing import FakeMetrix
 
 APP = "demo-android"
 IOS_APP = "demo-ios"

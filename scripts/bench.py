@@ -22,9 +22,8 @@ its PID when its measurement ends. Side by side, on the same Redis and the same 
 It prints a table, then one JSON line with every figure and ratio (``--json-only``: only that).
 ``--repeat N`` makes every end-to-end measurement N times, in turn, and reports the medians: on a
 small machine single runs vary by 10-15%. The fake server answers without Nagle's delay
-(socketserver's ``disable_nagle_algorithm``): it writes an answer's headers and body in two
-``send()`` calls, and with Nagle's algorithm the body would wait about 40 ms for the client's
-delayed ACK.
+(``FakeMetrix.tcp_nodelay``): it writes an answer's headers and body in two ``send()`` calls,
+and with Nagle's algorithm the body would wait about 40 ms for the client's delayed ACK.
 
 This file is also the module the baseline workers import: ``celery -A bench worker`` runs
 ``bench.post_event`` on an app with metrix-s2s's own configuration, ``celery -A
@@ -317,17 +316,16 @@ class Bench:
     # -- set-up and tear-down --------------------------------------------------------------------
 
     def __enter__(self) -> Bench:
-        from metrix_s2s import fakeserver
         from metrix_s2s.embedded import EmbeddedRedis
-        from metrix_s2s.fakeserver import FakeMetrix
+        from metrix_s2s.testing import FakeMetrix
 
-        # "0 ms" must mean at once: with Nagle's algorithm, each answer's body would wait for
-        # the client's delayed ACK (the fake writes headers and body in two send() calls).
-        if not fakeserver._Handler.disable_nagle_algorithm:
-            raise BenchError("the fake server answers with Nagle's algorithm on")
         try:
             self.redis_server = self._stack.enter_context(EmbeddedRedis())
             self.fake = self._stack.enter_context(FakeMetrix({APP_ID: DEV_KEY}))
+            # "0 ms" must mean at once: with Nagle's algorithm, each answer's body would wait for
+            # the client's delayed ACK (the fake writes headers and body in two send() calls).
+            if not self.fake.tcp_nodelay:
+                raise BenchError("the fake server answers with Nagle's algorithm on")
             self.tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory("-bench")))
             self._configure()
         except BaseException:
@@ -406,7 +404,7 @@ class Bench:
 
         own_noop = own_app.task(name=NOOP_TASK)(noop)
         default_noop = baseline_app("default").tasks[NOOP_TASK]
-        if send_metrix_event._get_current_object().app is not own_app:
+        if send_metrix_event.app is not own_app:  # the proxy resolves to the producer's task
             raise BenchError("send_metrix_event does not publish through metrix-s2s's own app")
         event = make_event(0, "enqueue")
         size = len(json.dumps([APP_ID, event], separators=(",", ":")))

@@ -1,4 +1,4 @@
-"""Tests of the fake Metrix server (metrix_s2s/fakeserver.py, run as scripts/fake_metrix.py)."""
+"""Tests of the fake Metrix (metrix_s2s/testing/fake_metrix.py, run as scripts/fake_metrix.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ _SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 if _SCRIPTS not in sys.path:
     sys.path.insert(0, _SCRIPTS)
 
-from fake_metrix import FakeMetrix, load_apps_json, validate_event  # noqa: E402
+from fake_metrix import FakeMetrix, load_apps_json, server_objection  # noqa: E402
 
 APP = "app-one"
 KEY = "dev-key-s3cr3t-0123456789"
@@ -158,10 +158,10 @@ def test_rejects_a_body_that_is_not_json(fake: FakeMetrix) -> None:
     assert received.status == 400
 
 
-def test_validate_event_matches_the_server() -> None:
-    assert validate_event(event()) is None
-    assert validate_event("text") is not None
-    assert validate_event(event(customMetrics={"x": False})) is not None
+def test_server_objection_matches_the_server() -> None:
+    assert server_objection(event()) is None
+    assert server_objection("text") is not None
+    assert server_objection(event(customMetrics={"x": False})) is not None
 
 
 # -- auth, allowlist, routing ------------------------------------------------------------------

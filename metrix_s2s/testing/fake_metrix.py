@@ -24,7 +24,7 @@ dev-key and the body are checked, like an overloaded proxy in front of the real 
 It ships in the package so that ``metrix-s2s demo`` works from an installed wheel; from a checkout,
 ``scripts/fake_metrix.py`` runs it. From tests::
 
-    from metrix_s2s.fakeserver import FakeMetrix    # or, with scripts/ on sys.path, fake_metrix
+    from metrix_s2s.testing import FakeMetrix    # or, with scripts/ on sys.path, fake_metrix
 
     with FakeMetrix({"my-app": "dev-key"}) as fake:
         base_url = fake.url                      # "http://127.0.0.1:PORT"
@@ -77,17 +77,24 @@ from types import FrameType, TracebackType
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["FakeMetrix", "Received", "load_apps_json", "main", "validate_event"]
+__all__ = ["FakeMetrix", "Received", "load_apps_json", "run_command_line", "server_objection"]
 
 EVENT_PREFIX: Final = "/inappevent/"
 REDACTED: Final = "<redacted>"
 #: Largest request body read, in bytes; bigger ones get 413 and the connection is closed.
-MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_REQUEST_BYTES: Final = 1024 * 1024
 
 _REQUIRED_TEXT: Final = ("metrixUserId", "metrixSessionId", "eventSlug")
-_DEVICE_IDS: Final = ("idfa", "advertisingId")
+_DEVICE_ID_FIELDS: Final = ("idfa", "advertisingId")
 _KNOWN_FIELDS: Final = frozenset(
-    {*_REQUIRED_TEXT, *_DEVICE_IDS, "customAttributes", "customMetrics", "deviceIp", "eventTime"}
+    {
+        *_REQUIRED_TEXT,
+        *_DEVICE_ID_FIELDS,
+        "customAttributes",
+        "customMetrics",
+        "deviceIp",
+        "eventTime",
+    }
 )
 _FAULT_KEYS: Final = frozenset(
     {"status", "count", "app_id", "retry_after", "latency", "drop", "body"}
@@ -156,8 +163,9 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def validate_event(body: Any) -> str | None:
-    """Check one event body as Metrix does; return what is wrong, or None if it is acceptable."""
+def server_objection(body: Any) -> str | None:
+    """The fake's own check of one event body, as Metrix documents it: what it objects to (the
+    message of its 400 answer), or None if it accepts the body."""
     if not isinstance(body, dict):
         return "the body must be a JSON object"
     unknown = sorted(set(body) - _KNOWN_FIELDS)
@@ -168,7 +176,7 @@ def validate_event(body: Any) -> str | None:
             return f"{name} is required"
         if not isinstance(body[name], str) or not body[name]:
             return f"{name} must be a non-empty string"
-    present = [name for name in _DEVICE_IDS if name in body]
+    present = [name for name in _DEVICE_ID_FIELDS if name in body]
     if len(present) != 1:
         which = "both were sent" if present else "neither was sent"
         return f"exactly one of idfa or advertisingId is required ({which})"
@@ -327,6 +335,13 @@ class FakeMetrix:
         """The base URL, e.g. ``http://127.0.0.1:PORT``; clients append ``/inappevent/{appId}``."""
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}"
+
+    @property
+    def tcp_nodelay(self) -> bool:
+        """True: answers go out with ``TCP_NODELAY`` (Nagle's algorithm off). The fake writes an
+        answer's headers and body in two ``send()`` calls; with Nagle's algorithm the body would
+        wait for the client's delayed ACK, about 40 ms per answer on a kept-alive connection."""
+        return bool(_Handler.disable_nagle_algorithm)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -661,7 +676,7 @@ class _Handler(BaseHTTPRequestHandler):
             return 403, {"error": f"client address {client} is not on the app's IP allowlist"}
         if not is_json:
             return 400, {"error": "the body is not valid JSON"}
-        problem = validate_event(body)
+        problem = server_objection(body)
         if problem is not None:
             return 400, {"error": problem}
         return 200, {"status": "ok"}
@@ -704,8 +719,8 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             self._refuse(400, "invalid Content-Length")
             return None
-        if length > MAX_BODY_BYTES:
-            self._refuse(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        if length > MAX_REQUEST_BYTES:
+            self._refuse(413, f"the body is larger than {MAX_REQUEST_BYTES} bytes")
             return None
         return self.rfile.read(length)
 
@@ -726,8 +741,8 @@ class _Handler(BaseHTTPRequestHandler):
                     pass  # trailers are ignored
                 return b"".join(chunks)
             total += size
-            if total > MAX_BODY_BYTES:
-                self._refuse(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+            if total > MAX_REQUEST_BYTES:
+                self._refuse(413, f"the body is larger than {MAX_REQUEST_BYTES} bytes")
                 return None
             chunks.append(self.rfile.read(size))
             self.rfile.readline(8)  # the CRLF after the chunk
@@ -856,7 +871,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command_line(argv: Sequence[str] | None = None) -> int:
     """Run the fake from the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     apps: dict[str, str] = dict(args.app)
@@ -901,4 +916,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command_line())
