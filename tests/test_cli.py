@@ -641,6 +641,33 @@ def test_worker_refuses_a_broken_environment_before_starting_celery(
 
 
 # ---------------------------------------------------------------------------------------------
+# embedded status and stop
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["status", "stop"])
+@pytest.mark.parametrize("broker", [True, False], ids=["broker", "no-broker"])
+def test_embedded_reports_settings_that_cannot_be_read(
+    cli_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, broker: bool
+) -> None:
+    if not broker:
+        monkeypatch.delenv("CELERY_BROKER_URL")
+        monkeypatch.setenv("METRIX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("METRIX_APPS", "{not json")
+    result = invoke("embedded", command)
+    assert result.exit_code == 2
+    assert one_error_line(result).startswith("error: METRIX_APPS is not valid JSON")
+    assert result.stdout == ""  # not "not in use: a broker is configured"
+
+
+@pytest.mark.parametrize("command", ["status", "stop"])
+def test_embedded_is_not_in_use_with_a_broker(cli_env: None, command: str) -> None:
+    result = invoke("embedded", command)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("not in use: a broker is configured")
+
+
+# ---------------------------------------------------------------------------------------------
 # The installed command and its exit codes
 # ---------------------------------------------------------------------------------------------
 

@@ -151,12 +151,18 @@ class State:
     settings: Settings | None
     error: ConfigurationError | None = None
 
-    def require(self) -> Settings:
+    def loaded(self) -> Settings:
+        """The settings; their configuration error when they could not be read."""
         if self.settings is None:
             raise self.error or ConfigurationError("the settings could not be read")
-        if self.settings.embedded:
-            ensure_embedded(self.settings.data_dir)
         return self.settings
+
+    def require(self) -> Settings:
+        """The settings, with the embedded Redis started when they name it."""
+        settings = self.loaded()
+        if settings.embedded:
+            ensure_embedded(settings.data_dir)
+        return settings
 
 
 def current_state(ctx: click.Context) -> State:

@@ -38,9 +38,10 @@ def embedded_stop(ctx: click.Context) -> None:
 
 
 def _in_use(ctx: click.Context) -> Settings | None:
-    """The settings when they name the embedded Redis; otherwise say it is not in use."""
-    settings = current_state(ctx).settings
-    if settings is None or not settings.embedded:
+    """The settings when they name the embedded Redis; otherwise say it is not in use. Settings
+    that could not be read are their configuration error, not a broker."""
+    settings = current_state(ctx).loaded()
+    if not settings.embedded:
         click.echo("not in use: a broker is configured (CELERY_BROKER_URL or METRIX_REDIS_URL)")
         return None
     return settings
