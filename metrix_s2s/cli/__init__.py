@@ -12,7 +12,7 @@
 Every invocation reads the environment once (the same variables as the workers) and installs those
 settings for the process. Every failure is one line on stderr starting with ``error: ``, never a
 traceback, and its exit code says what kind it was: 1 not found, invalid input or not done,
-2 configuration or usage, 3 Redis unreachable.
+2 configuration or usage, 3 Redis or the broker unreachable.
 
 This package puts the command together: the root group and the entry point are in :mod:`.app`,
 each subcommand in its own module.

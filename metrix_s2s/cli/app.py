@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
@@ -16,7 +17,7 @@ import redis
 from .. import __version__
 from ..deadletter import DeadLetterStore
 from ..delivery import get_deliverer
-from ..embedded import ensure_embedded
+from ..embedded import ensure_embedded, find_redis_server
 from ..errors import ConfigurationError, EnqueueError, InvalidEvent
 from ..settings import Settings, configure, redact_url
 
@@ -26,7 +27,7 @@ PROG = "metrix-s2s"
 EXIT_OK = 0
 EXIT_FAILED = 1  # not found, invalid input, or not (entirely) done
 EXIT_USAGE = 2  # configuration or usage
-EXIT_REDIS = 3  # Redis unreachable
+EXIT_REDIS = 3  # Redis (or the broker) unreachable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ class UsageFailure(Failure):
 
 
 class RedisFailure(Failure):
-    """Redis cannot be reached (or refused a command)."""
+    """Redis or the broker cannot be reached (or Redis refused a command)."""
 
     exit_code = EXIT_REDIS
 
@@ -83,7 +84,9 @@ def _translate(exc: Exception, state: State | None) -> Failure:
         return _usage_failure(exc)
     if isinstance(exc, click.ClickException):  # a file that cannot be opened, for one
         return _FAILURES.get(exc.exit_code, Failure)(exc.format_message())
-    if isinstance(exc, ConfigurationError | EnqueueError):
+    if isinstance(exc, EnqueueError):  # the broker did not take a message: it is unreachable
+        return RedisFailure(str(exc))
+    if isinstance(exc, ConfigurationError):
         return UsageFailure(str(exc))
     if isinstance(exc, InvalidEvent):
         return Failure(str(exc))
@@ -161,8 +164,27 @@ class State:
         """The settings, with the embedded Redis started when they name it."""
         settings = self.loaded()
         if settings.embedded:
-            ensure_embedded(settings.data_dir)
+            _start_embedded(settings.data_dir)
         return settings
+
+
+def _start_embedded(data_dir: str) -> None:
+    """Start (or find running) the embedded Redis. With no redis-server to start it is a
+    configuration error (exit 2); a server that does not come up is Redis unreachable (exit 3)."""
+    try:
+        ensure_embedded(data_dir)
+    except ConfigurationError as exc:
+        if find_redis_server() is None:
+            raise
+        raise RedisFailure(str(exc)) from None
+    except subprocess.CalledProcessError as exc:
+        binary = exc.cmd[0] if isinstance(exc.cmd, list | tuple) and exc.cmd else exc.cmd
+        raise RedisFailure(
+            f"the embedded Redis did not start: {binary} exited with status {exc.returncode}"
+        ) from None
+    except OSError as exc:
+        what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else _short(exc)
+        raise RedisFailure(f"the embedded Redis did not start: {what}") from None
 
 
 def current_state(ctx: click.Context) -> State:
@@ -196,7 +218,7 @@ Examples:
 
 \b
 Exit codes: 0 done; 1 not found, invalid input or not done; 2 configuration or usage error;
-3 Redis unreachable.
+3 Redis or the broker unreachable.
 """
 
 

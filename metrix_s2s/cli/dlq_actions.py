@@ -11,7 +11,7 @@ import click
 from .. import operations
 from ..deadletter import Reason
 from ..redrive import DEFAULT_REASONS, RedriveReport
-from .app import PROG, Failure, current_state, dead_letter_store
+from .app import PROG, Failure, RedisFailure, current_state, dead_letter_store
 from .formatting import REASON, echo_json, iso, plural, point_in_time
 
 #: A re-drive of more entries than this shows a progress bar (on stderr).
@@ -164,9 +164,11 @@ def dlq_redrive(
     else:
         click.echo(_redrive_summary(report))
     if report.failed:
+        # Only a publish that failed leaves an event failed: the broker is unreachable (exit 3).
         one = len(report.failed) == 1
-        raise Failure(
-            f"could not enqueue {plural(len(report.failed), 'event')} (see the warnings); "
+        raise RedisFailure(
+            f"could not enqueue {plural(len(report.failed), 'event')}: the broker is unreachable "
+            "(see the warnings); "
             f"{'it stays' if one else 'they stay'} recorded as pending, and the reconciler will "
             f"enqueue {'it' if one else 'them'}"
         )

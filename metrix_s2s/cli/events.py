@@ -13,7 +13,7 @@ import click
 from ..errors import EnqueueError, InvalidEvent, format_messages
 from ..schema import validate_event
 from ..tasks.send import send_metrix_event
-from .app import EXIT_FAILED, Failure, UsageFailure, current_state
+from .app import EXIT_FAILED, Failure, RedisFailure, current_state
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ def send(ctx: click.Context, app_id: str, source: IO[str]) -> None:
     def enqueue(item: _Item, queued: int) -> str:
         try:
             result = send_metrix_event.apply_async((app_id, item.event))
-        except EnqueueError as exc:
-            raise UsageFailure(f"line {item.line}: {exc} ({queued} queued before it)") from None
+        except EnqueueError as exc:  # the broker is unreachable: exit 3, as for Redis
+            raise RedisFailure(f"line {item.line}: {exc} ({queued} queued before it)") from None
         return f"queued {result.id}"
 
     _each_event(ctx, source, enqueue, "queued")
