@@ -3,153 +3,36 @@
 One record per event id; writing it again updates it (the last failure, the attempt count) and
 keeps its first failure time, so a duplicate write is harmless. Records never hold a dev-key.
 
-Keys (``P`` is ``METRIX_KEY_PREFIX``, default ``metrix``)::
-
-    P:dlq:entry:{event_id}      hash: event_id, app_id, event (JSON), reason, status, excerpt,
-                                detail, attempts, first_failed_ms, last_failed_ms, redriven,
-                                key_fingerprint
-    P:dlq:by_time               sorted set: event_id scored by last_failed_ms (every entry)
-    P:dlq:app:{app_id}          sorted set: the same, for one app
-    P:dlq:reason:{reason}       sorted set: the same, for one reason
-    P:dlq:apps / P:dlq:reasons  sets of the app ids and reasons that have (or had) entries
-    P:redriven                  hash: event id -> times re-driven, kept until it is delivered
+An entry (``P:dlq:entry:{event_id}``, a hash) holds event_id, app_id, event (JSON), reason, status,
+excerpt, detail, attempts, first_failed_ms, last_failed_ms, redriven and key_fingerprint; indexes by
+time, app and reason list the entries. The keys are listed in :mod:`metrix_s2s.keyspace`; the
+scripts are ``lua/dlq_add.lua``, ``lua/dlq_remove.lua`` and ``lua/dlq_take.lua``.
 
 Retention: each write first drops entries whose last failure is older than the retention period,
 then the oldest entries beyond the size cap (a bounded number per write, so a write stays cheap).
 
 By hand: ``redis-cli ZREVRANGE metrix:dlq:by_time 0 9`` lists the ten newest ids and
-``redis-cli HGETALL metrix:dlq:entry:<id>`` shows one. The scripts build key names from the prefix,
-so the store needs a single Redis (or Sentinel), not Redis Cluster.
+``redis-cli HGETALL metrix:dlq:entry:<id>`` shows one.
 """
 
 from __future__ import annotations
 
-import enum
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 
+from . import redis_scripts
+from .keyspace import Keyspace
+from .redis_client import text
+from .verdicts import Reason
 
-class Reason(enum.StrEnum):
-    """Why an event was dead-lettered."""
-
-    INVALID = "invalid"  # the payload breaks Metrix's rules; never re-driven
-    REJECTED = "rejected"  # Metrix refused it (400 or another 4xx)
-    CONFIG = "config"  # the app's configuration is wrong (401/403/404, unknown app id)
-    EXHAUSTED = "exhausted"  # retryable failures outlasted the retry budget
-    POISON = "poison"  # delivery kept crashing or failing inside the worker
-    REDRIVE_LIMIT = "redrive_limit"  # re-driven METRIX_MAX_REDRIVES times and failed again
-
+__all__ = ["DeadLetter", "DeadLetterStore", "Reason", "TRIM_BATCH", "Taken"]
 
 #: Entries dropped per write at most, for retention or the size cap.
 TRIM_BATCH = 100
-
-# Shared by the scripts below: ``drop(p, id)`` removes one entry with its index entries and
-# returns its hash fields app_id, reason, event, detail (all nil when there was none).
-_DROP_LUA = """
-local function drop(p, victim, forget_redrives)
-  local key = p .. ':dlq:entry:' .. victim
-  local old = redis.call('HMGET', key, 'app_id', 'reason', 'event', 'detail')
-  if old[1] then redis.call('ZREM', p .. ':dlq:app:' .. old[1], victim) end
-  if old[2] then redis.call('ZREM', p .. ':dlq:reason:' .. old[2], victim) end
-  redis.call('ZREM', p .. ':dlq:by_time', victim)
-  redis.call('DEL', key)
-  if forget_redrives then redis.call('HDEL', p .. ':redriven', victim) end
-  return old
-end
-"""
-
-# ARGV: prefix, event_id, app_id, reason, now ms, retention ms, max entries, then field/value pairs.
-# Returns 1 when the entry is new, 0 when an existing one was updated.
-_ADD = (
-    _DROP_LUA
-    + """
-local p, id, app, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now, retention, cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local by_time = p .. ':dlq:by_time'
-
-local key = p .. ':dlq:entry:' .. id
-local old = redis.call('HMGET', key, 'app_id', 'reason')
-if old[1] and old[1] ~= app then redis.call('ZREM', p .. ':dlq:app:' .. old[1], id) end
-if old[2] and old[2] ~= reason then redis.call('ZREM', p .. ':dlq:reason:' .. old[2], id) end
-
-redis.call('HSETNX', key, 'first_failed_ms', now)
-local redriven = redis.call('HGET', p .. ':redriven', id) or '0'
-redis.call('HSET', key, 'event_id', id, 'app_id', app, 'reason', reason, 'last_failed_ms', now,
-           'redriven', redriven)
-for i = 8, #ARGV, 2 do
-  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
-end
-redis.call('ZADD', by_time, now, id)
-redis.call('ZADD', p .. ':dlq:app:' .. app, now, id)
-redis.call('ZADD', p .. ':dlq:reason:' .. reason, now, id)
-redis.call('SADD', p .. ':dlq:apps', app)
-redis.call('SADD', p .. ':dlq:reasons', reason)
-
-for _, victim in ipairs(redis.call('ZRANGEBYSCORE', by_time, '-inf', '(' .. (now - retention),
-                                   'LIMIT', 0, TRIM_BATCH)) do
-  drop(p, victim, true)
-end
-local excess = redis.call('ZCARD', by_time) - cap
-if excess > 0 then
-  for _, victim in ipairs(redis.call('ZRANGE', by_time, 0, math.min(excess, TRIM_BATCH) - 1)) do
-    drop(p, victim, true)
-  end
-end
-if old[1] then return 0 end
-return 1
-""".replace("TRIM_BATCH", str(TRIM_BATCH))
-)
-
-# ARGV: prefix, event_id. Returns 1 when an entry was removed.
-_REMOVE = (
-    _DROP_LUA
-    + """
-if drop(ARGV[1], ARGV[2], true)[1] then return 1 end
-return 0
-"""
-)
-
-# Takes one entry out of the store to re-enqueue it, in one atomic step: the entry leaves the
-# store, its re-drive count goes up, its attempt budget is reset, and it is recorded as pending
-# (with its message), so that if the caller dies before publishing it, the reconciler does.
-# ARGV: prefix, event_id, now ms, re-drive limit (-1: none), allowed reasons (",a,b,").
-# Returns {'ok', app_id, event JSON} or {'gone'}, {'skipped', reason}, {'limit', reason}.
-_TAKE = (
-    _DROP_LUA
-    + """
-local p, id, now, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local key = p .. ':dlq:entry:' .. id
-local reason = redis.call('HGET', key, 'reason')
-if not reason then return {'gone'} end
-if reason == 'invalid' or not string.find(ARGV[5], ',' .. reason .. ',', 1, true) then
-  return {'skipped', reason}
-end
-local count = tonumber(redis.call('HGET', p .. ':redriven', id) or '0')
-if limit >= 0 and count >= limit then
-  if reason ~= 'redrive_limit' then
-    local score = redis.call('ZSCORE', p .. ':dlq:by_time', id)
-    local detail = redis.call('HGET', key, 'detail') or ''
-    redis.call('ZREM', p .. ':dlq:reason:' .. reason, id)
-    redis.call('ZADD', p .. ':dlq:reason:redrive_limit', score, id)
-    redis.call('SADD', p .. ':dlq:reasons', 'redrive_limit')
-    redis.call('HSET', key, 'reason', 'redrive_limit', 'detail',
-               're-driven ' .. count .. ' times, the limit; last failure (' .. reason .. '): '
-               .. detail)
-  end
-  return {'limit', reason}
-end
-local old = drop(p, id, false)
-redis.call('HSET', p .. ':redriven', id, count + 1)
-redis.call('ZADD', p .. ':pending', now, id)
-redis.call('HSET', p .. ':pending:msg', id, '[' .. cjson.encode(old[1]) .. ',' .. old[3] .. ']')
-redis.call('DEL', p .. ':attempts:' .. id)
-return {'ok', old[1], old[3]}
-"""
-)
 
 _INT_FIELDS = ("attempts", "first_failed_ms", "last_failed_ms", "redriven")
 
@@ -163,10 +46,6 @@ class Taken:
     app_id: str = ""
     event: Any = None
     reason: str | None = None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -195,7 +74,7 @@ class DeadLetter:
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> DeadLetter:
-        values = {_text(k): _text(v) for k, v in raw.items()}
+        values = {text(k): text(v) for k, v in raw.items()}
         known = {name for name in cls.__dataclass_fields__ if name != "extra"}
         try:
             event: Any = json.loads(values.get("event", "null"))
@@ -222,16 +101,24 @@ class DeadLetterStore:
     def __init__(
         self, client: redis.Redis, *, prefix: str, retention_s: int, max_entries: int
     ) -> None:
-        self.client = client
-        self.prefix = prefix
+        self.redis = client
+        self.keys = Keyspace(prefix)
         self._retention_ms = retention_s * 1000
         self._max_entries = max_entries
-        self._add = client.register_script(_ADD)
-        self._remove = client.register_script(_REMOVE)
-        self._take = client.register_script(_TAKE)
+        self._add = client.register_script(redis_scripts.DLQ_ADD)
+        self._remove = client.register_script(redis_scripts.DLQ_REMOVE)
+        self._take = client.register_script(redis_scripts.DLQ_TAKE)
 
-    def _key(self, *parts: str) -> str:
-        return ":".join((self.prefix, "dlq", *parts))
+    def _script_keys(self) -> tuple[list[str], list[str | int]]:
+        """The KEYS and first ARGV every dead-letter script takes (see ``lua/dlq_drop.lua``)."""
+        k = self.keys
+        keys = [k.dead_letters_by_time, k.dead_letter_apps, k.dead_letter_reasons, k.redriven]
+        stems: list[str | int] = [
+            k.dead_letter_stem,
+            k.dead_letters_of_app_stem,
+            k.dead_letters_for_reason_stem,
+        ]
+        return keys, stems
 
     def add(
         self,
@@ -256,26 +143,35 @@ class DeadLetterStore:
             "attempts": str(attempts),
             "key_fingerprint": key_fingerprint,
         }
-        args: list[str | int] = [
-            self.prefix,
+        keys, args = self._script_keys()
+        args += [
             event_id,
             app_id,
             Reason(reason).value,
             now_ms,
             self._retention_ms,
             self._max_entries,
+            TRIM_BATCH,
         ]
         for name, value in fields.items():
             args += [name, value]
-        return bool(self._add(args=args))
+        return bool(self._add(keys=keys, args=args))
 
     def get(self, event_id: str) -> DeadLetter | None:
-        raw = self.client.hgetall(self._key("entry", event_id))
+        raw = self.redis.hgetall(self.keys.dead_letter(event_id))
         return DeadLetter.from_hash(raw) if raw else None
+
+    def contains(self, event_ids: Sequence[str]) -> list[bool]:
+        """For each event id, whether it has a dead letter (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.exists(self.keys.dead_letter(event_id))
+        return [bool(found) for found in pipe.execute()]
 
     def remove(self, event_id: str) -> bool:
         """Remove one entry and its index entries; ``True`` if it existed."""
-        return bool(self._remove(args=[self.prefix, event_id]))
+        keys, args = self._script_keys()
+        return bool(self._remove(keys=keys, args=[*args, event_id]))
 
     def take(
         self,
@@ -285,15 +181,18 @@ class DeadLetterStore:
         reasons: Iterable[Reason],
         max_redrives: int | None,
     ) -> Taken:
-        """Take one entry out of the store for re-enqueueing (see ``_TAKE``): atomic, so two
-        re-drivers racing over the same entry cannot both get it."""
+        """Take one entry out of the store for re-enqueueing (see ``lua/dlq_take.lua``): atomic,
+        so two re-drivers racing over the same entry cannot both get it."""
         allowed = "," + ",".join(Reason(r).value for r in reasons) + ","
         limit = -1 if max_redrives is None else max_redrives
-        reply = self._take(args=[self.prefix, event_id, now_ms, limit, allowed])
-        state = _text(reply[0])
+        keys, args = self._script_keys()
+        keys += [self.keys.pending, self.keys.pending_messages]
+        args += [self.keys.attempts_stem, event_id, now_ms, limit, allowed]
+        reply = self._take(keys=keys, args=args)
+        state = text(reply[0])
         if state == "ok":
-            return Taken("ok", app_id=_text(reply[1]), event=json.loads(_text(reply[2])))
-        return Taken(state, reason=_text(reply[1]) if len(reply) > 1 else None)
+            return Taken("ok", app_id=text(reply[1]), event=json.loads(text(reply[2])))
+        return Taken(state, reason=text(reply[1]) if len(reply) > 1 else None)
 
     def purge(
         self,
@@ -311,15 +210,15 @@ class DeadLetterStore:
 
     def _index(self, app_id: str | None, reason: Reason | str | None) -> str:
         if app_id is not None:
-            return self._key("app", app_id)
+            return self.keys.dead_letters_of_app(app_id)
         if reason is not None:
-            return self._key("reason", Reason(reason).value)
-        return self._key("by_time")
+            return self.keys.dead_letters_for_reason(Reason(reason).value)
+        return self.keys.dead_letters_by_time
 
     def count(self, *, app_id: str | None = None, reason: Reason | str | None = None) -> int:
         if app_id is not None and reason is not None:
             return sum(1 for _ in self.iter(app_id=app_id, reason=reason))
-        return int(self.client.zcard(self._index(app_id, reason)))
+        return int(self.redis.zcard(self._index(app_id, reason)))
 
     def iter(
         self,
@@ -339,15 +238,15 @@ class DeadLetterStore:
         offset = 0
         while True:
             if oldest_first:
-                ids = self.client.zrangebyscore(index, low, high, start=offset, num=page)
+                ids = self.redis.zrangebyscore(index, low, high, start=offset, num=page)
             else:
-                ids = self.client.zrevrangebyscore(index, high, low, start=offset, num=page)
+                ids = self.redis.zrevrangebyscore(index, high, low, start=offset, num=page)
             if not ids:
                 return
             offset += len(ids)
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             for raw_id in ids:
-                pipe.hgetall(self._key("entry", _text(raw_id)))
+                pipe.hgetall(self.keys.dead_letter(text(raw_id)))
             for raw in pipe.execute():
                 if not raw:
                     continue  # removed between the two reads
@@ -380,15 +279,16 @@ class DeadLetterStore:
 
     def stats(self) -> dict[str, Any]:
         """Counts by app and by reason, the total and the oldest entry's last failure time."""
-        apps = sorted(_text(m) for m in self.client.smembers(self._key("apps")))
-        reasons = sorted(_text(m) for m in self.client.smembers(self._key("reasons")))
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zcard(self._key("by_time"))
-        pipe.zrange(self._key("by_time"), 0, 0, withscores=True)
+        k = self.keys
+        apps = sorted(text(m) for m in self.redis.smembers(k.dead_letter_apps))
+        reasons = sorted(text(m) for m in self.redis.smembers(k.dead_letter_reasons))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(k.dead_letters_by_time)
+        pipe.zrange(k.dead_letters_by_time, 0, 0, withscores=True)
         for app in apps:
-            pipe.zcard(self._key("app", app))
+            pipe.zcard(k.dead_letters_of_app(app))
         for reason in reasons:
-            pipe.zcard(self._key("reason", reason))
+            pipe.zcard(k.dead_letters_for_reason(reason))
         total, oldest, *counts = pipe.execute()
         by_app = {a: int(n) for a, n in zip(apps, counts[: len(apps)], strict=True) if n}
         by_reason = {r: int(n) for r, n in zip(reasons, counts[len(apps) :], strict=True) if n}

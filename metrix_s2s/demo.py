@@ -22,8 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import workers
 from .deadletter import DeadLetterStore, Reason
 from .embedded import EmbeddedRedis
+from .errors import InvalidEvent
+from .stores import get_dead_letters
+from .tasks import send_metrix_event
 from .testing import FakeMetrix
 
 APP = "demo-android"
@@ -80,8 +84,6 @@ def _celery(program: list[str], env: dict[str, str], log: Path, ready: str) -> I
 
 
 def _enqueue(metrix: FakeMetrix, count: int, echo: Echo) -> int:
-    from . import InvalidEvent, send_metrix_event
-
     echo("1. Two events the producer gets wrong are refused at .delay(), never queued:")
     for bad in (
         event(0, idfa="38400000-8cf0-11bd-b23e-10b96e40000d"),
@@ -106,8 +108,6 @@ def _enqueue(metrix: FakeMetrix, count: int, echo: Echo) -> int:
 
 
 def _after_the_outage(metrix: FakeMetrix) -> None:
-    from . import send_metrix_event
-
     metrix.clear_faults()
     metrix.inject(400, count=1, app_id=WEB_APP, body='{"error": "unknown eventSlug"}')
     send_metrix_event.delay(WEB_APP, event(200))
@@ -201,13 +201,9 @@ def run(events: int = 60, echo: Echo | None = None, redis_url: str | None = None
         stack.enter_context(_celery(beat, env, tmp / "beat.log", "beat: Starting"))
         say(f"fake Metrix on {metrix.url}; a Celery worker (threads, 8) and beat are running\n")
 
-        from . import workers
-
         with workers.rebuilt_for(env):
-            from .delivery import get_deliverer
-
             sent = _enqueue(metrix, events, say)
-            dlq = get_deliverer().dead_letters
+            dlq = get_dead_letters()
             redriven = _watch(metrix, dlq, sent, out)
             ok = _summary(metrix, dlq, sent, redriven, say)
         say("\nall as expected" if ok else "\nsomething is off: see the numbers above")

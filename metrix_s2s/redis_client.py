@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import redis
 
@@ -46,6 +47,11 @@ def get_redis(url: str) -> redis.Redis:
                 )
                 _clients[url] = client
     return client
+
+
+def text(value: Any) -> str:
+    """A Redis reply as ``str`` (replies are bytes unless the client decodes them)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reset() -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from .deadletter import DeadLetter, DeadLetterStore, Reason
 from .errors import InvalidEvent, MetrixS2SError, format_messages
 from .locks import redis_lock
+from .names import Enqueue
 from .schema import now_ms
 from .settings import Settings
 
@@ -37,10 +38,6 @@ logger = logging.getLogger("metrix_s2s.redrive")
 DEFAULT_REASONS = (Reason.EXHAUSTED, Reason.CONFIG, Reason.POISON)
 #: Reasons the periodic re-drive takes.
 PERIODIC_REASONS = (Reason.EXHAUSTED, Reason.CONFIG)
-#: Seconds the periodic run's lock lives at most (a run that takes longer loses it).
-LOCK_TTL_S = 300.0
-
-Enqueue = Callable[[str, str, Any], None]  # (event_id, app_id, event)
 
 
 @dataclass
@@ -87,7 +84,7 @@ class Redriver:
         gated: dict[str, bool] = {}
         for letter in self.store.iter(
             app_id=app_id,
-            reason=reason if reason is not None else None,
+            reason=reason,
             until_ms=until,
             oldest_first=True,
         ):
@@ -126,8 +123,7 @@ class Redriver:
 
     def run_periodic(self, now: int | None = None) -> RedriveReport:
         """The beat task's re-drive: locked, batched, rested, gated on configuration changes."""
-        client = self.store.client
-        with redis_lock(client, f"{self.store.prefix}:lock:redrive", LOCK_TTL_S) as held:
+        with redis_lock(self.store.redis, self.store.keys.lock("redrive")) as held:
             if not held:
                 return RedriveReport(locked_out=True)
             batch = []

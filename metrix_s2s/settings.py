@@ -1,14 +1,18 @@
 """Configuration, read from the environment in this one place.
 
 :func:`get_settings` reads the environment once per process and returns a frozen
-:class:`Settings`; nothing else in the package reads ``os.environ``. Every error names the variable
-that is wrong. Dev-keys live only in :class:`AppConfig`, whose ``repr`` redacts them.
+:class:`Settings`; nothing else in the package reads its configuration from ``os.environ``
+(the demo and :func:`metrix_s2s.workers.rebuilt_for` only set variables for what they start, and
+the fake Metrix of :mod:`metrix_s2s.testing` is a separate program with its own). Every error
+names the variable that is wrong. Dev-keys live only in :class:`AppConfig`, whose ``repr`` redacts
+them.
 
 Variables (defaults in parentheses):
 
 ===========================  ======================================================================
 ``CELERY_BROKER_URL``        broker: Redis or RabbitMQ (``amqp://``); with neither this nor
                              ``METRIX_REDIS_URL`` set, the embedded Redis (see ``embedded``)
+``CELERY_RESULT_BACKEND``    optional result backend for metrix-s2s's own app (none: results off)
 ``METRIX_DATA_DIR``          the embedded Redis's directory (``~/.local/share/metrix-s2s``)
 ``METRIX_REDIS_URL``         Redis for dead letters and the delivery ledger (the broker, when it is
                              Redis; required otherwise)
@@ -74,13 +78,21 @@ TIME_LIMIT_MARGIN_S = 5.0
 HARD_LIMIT_GRACE_S = 5.0
 #: Seconds added on top of the longest wait plus the hard limit for the visibility timeout.
 VISIBILITY_MARGIN_S = 30.0
+#: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
+GUARD_MARGIN_S = 2.0
 #: The shortest time a batch of the bulk path claims events for, in seconds.
 BULK_MIN_CLAIM_WINDOW_S = 0.5
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
+#: URL schemes of a Redis server (``redis+socket`` is kombu's spelling of a unix socket).
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_UNITS |= {"h": 3600.0, "hour": 3600.0}
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` names a Redis server."""
+    return urlsplit(url).scheme in REDIS_SCHEMES
 
 
 def parse_rate(value: str, variable: str) -> float:
@@ -164,6 +176,8 @@ class Settings:
     data_dir: str = ""
     #: Whether ``METRIX_REDIS_URL`` was given (otherwise it follows the broker).
     redis_url_explicit: bool = False
+    #: ``CELERY_RESULT_BACKEND``, for metrix-s2s's own app.
+    result_backend: str | None = None
 
     def __repr__(self) -> str:
         shown = {
@@ -183,7 +197,7 @@ class Settings:
             return self
         redis_url = self.redis_url
         if not self.redis_url_explicit:
-            if urlsplit(broker_url).scheme not in _REDIS_SCHEMES:
+            if not is_redis_url(broker_url):
                 raise ConfigurationError(
                     "METRIX_REDIS_URL is required when the broker is not Redis "
                     "(dead letters and the delivery ledger live in Redis)"
@@ -193,7 +207,7 @@ class Settings:
 
     @property
     def broker_is_redis(self) -> bool:
-        return urlsplit(self.broker_url).scheme in _REDIS_SCHEMES
+        return is_redis_url(self.broker_url)
 
     @property
     def soft_time_limit_s(self) -> float:
@@ -209,6 +223,12 @@ class Settings:
     @property
     def time_limit_s(self) -> float:
         return self.soft_time_limit_s + HARD_LIMIT_GRACE_S
+
+    @property
+    def guard_ttl_s(self) -> float:
+        """How long an attempt's in-flight guard lives: the hard time limit plus a margin, so a
+        crashed sender's guard expires by itself and only a dead sender loses it."""
+        return self.time_limit_s + GUARD_MARGIN_S
 
     @property
     def bulk_claim_window_s(self) -> float:
@@ -262,13 +282,13 @@ class Settings:
             broker_url, redis_url = embedded_urls(data_dir)
         broker_url = broker_url or redis_url
         if not redis_url:
-            if urlsplit(broker_url).scheme not in _REDIS_SCHEMES:
+            if not is_redis_url(broker_url):
                 raise ConfigurationError(
                     "METRIX_REDIS_URL is required when CELERY_BROKER_URL is not a Redis URL "
                     "(dead letters and the delivery ledger live in Redis)"
                 )
             redis_url = broker_url
-        elif urlsplit(redis_url).scheme not in _REDIS_SCHEMES:
+        elif not is_redis_url(redis_url):
             raise ConfigurationError(
                 "METRIX_REDIS_URL must be a redis://, rediss:// or unix:// URL"
             )
@@ -317,6 +337,7 @@ class Settings:
             ),
             pending_max_age_s=reader.float("METRIX_PENDING_MAX_AGE", cls.pending_max_age_s),
             redis_url_explicit=redis_url_explicit,
+            result_backend=env.get("CELERY_RESULT_BACKEND") or None,
             embedded=embedded,
             data_dir=data_dir,
             log_format=_choice(env, "METRIX_LOG_FORMAT", ("text", "json")),

@@ -614,14 +614,14 @@ class Bench:
         profile, which uses the wall clock) include waiting for them; thread CPU time does not.
         """
         from metrix_s2s.delivery import Action, get_deliverer
-        from metrix_s2s.ledger import Limits
+        from metrix_s2s.ledger import FinishMode, Limits
         from metrix_s2s.ratelimit import RateLimit
         from metrix_s2s.schema import now_ms, validate_event
 
         self.flush()
         self.fake.reset()
         deliverer = get_deliverer()
-        ledger, client = deliverer.ledger, deliverer.client
+        ledger, client = deliverer.ledger, deliverer.http
         limits = Limits(RateLimit.parse(RATE_LIMIT, "METRIX_RATE_LIMIT"), None, 0.25)
         run = uuid.uuid4().hex[:8]
         events = iter([make_event(i, run) for i in range(10 * n + 500)])
@@ -634,7 +634,7 @@ class Bench:
         def ledger_scripts(event: dict[str, Any]) -> None:
             event_id, token = str(uuid.uuid4()), uuid.uuid4().hex
             ledger.claim(event_id, token, APP_ID, limits)
-            ledger.delivered(event_id, token, APP_ID, 200, now_ms())
+            ledger.finish(event_id, token, APP_ID, FinishMode.DELIVERED, f"200:{now_ms()}")
 
         def send(event: dict[str, Any]) -> None:
             client.send(APP_ID, DEV_KEY, event)

@@ -18,10 +18,12 @@ import redis
 from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
-from metrix_s2s import InvalidEvent, delivery, operations, tasks
+from metrix_s2s import InvalidEvent, operations, tasks
+from metrix_s2s import batch as batch_engine
 from metrix_s2s import settings as settings_module
+from metrix_s2s.batch import deliver_many
 from metrix_s2s.deadletter import DeadLetterStore, Reason
-from metrix_s2s.delivery import Action, Deliverer, Result
+from metrix_s2s.delivery import Action, Deliverer, Verdict
 from metrix_s2s.schema import now_ms
 from metrix_s2s.settings import Settings
 from metrix_s2s.tasks import BULK_TASK_NAME, QUEUE
@@ -163,7 +165,7 @@ def items(n: int, prefix: str = "u") -> list[tuple[str, Any]]:
     return [(f"{prefix}-id-{i}", event) for i, event in enumerate(batch(n, prefix))]
 
 
-def actions(outcomes: list[tuple[str, Any, Result | None]]) -> Counter[str]:
+def actions(outcomes: list[tuple[str, Any, Verdict | None]]) -> Counter[str]:
     return Counter(result.action.value if result else "none" for _, _, result in outcomes)
 
 
@@ -179,7 +181,7 @@ def test_a_batch_records_every_outcome_in_the_ledger(
     fake_metrix.set_latency(0.05)
     d = deliverer(METRIX_BULK_CONCURRENCY="8")
     # When 40 events are delivered as one batch
-    outcomes = d.deliver_many(APP_ID, items(40))
+    outcomes = deliver_many(d, APP_ID, items(40))
     # Then each has its own verdict, in the batch's order, and the ledger agrees
     assert [event_id for event_id, _, _ in outcomes] == [f"u-id-{i}" for i in range(40)]
     assert actions(outcomes) == {"delivered": 39, "dead_lettered": 1}
@@ -191,7 +193,7 @@ def test_a_batch_records_every_outcome_in_the_ledger(
         assert not redis_client.exists(f"metrix:inflight:{event_id}")
     # And the same batch again sends only the event that was not delivered
     fake_metrix.reset()
-    again = d.deliver_many(APP_ID, items(40))
+    again = deliver_many(d, APP_ID, items(40))
     assert actions(again) == {"duplicate": 39, "delivered": 1}
     assert len(fake_metrix.requests) == 1
 
@@ -200,7 +202,7 @@ def test_an_event_twice_in_one_batch_is_sent_once(
     deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix
 ) -> None:
     event = make_event(metrixUserId="twice")
-    outcomes = deliverer().deliver_many(APP_ID, [("same-id", event), ("same-id", event)])
+    outcomes = deliver_many(deliverer(), APP_ID, [("same-id", event), ("same-id", event)])
     assert len(fake_metrix.requests) == 1
     # the second copy found the first one's guard: it comes back later, and is then a duplicate
     assert actions(outcomes) == {"delivered": 1, "defer": 1}
@@ -213,7 +215,7 @@ def test_a_rate_limited_batch_paces_itself_in_the_worker(
     d = deliverer(METRIX_RATE_LIMIT="20/s", METRIX_RATE_BURST="1")
     # When a batch of 30 is delivered
     started = time.monotonic()
-    outcomes = d.deliver_many(APP_ID, items(30))
+    outcomes = deliver_many(d, APP_ID, items(30))
     # Then all were delivered within the batch, at the app's rate
     assert actions(outcomes) == {"delivered": 30}
     assert time.monotonic() - started >= 1.3
@@ -224,10 +226,10 @@ def test_a_batch_hands_back_what_it_would_wait_too_long_for(
     deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an app limited to 5 events/s and batches that wait at most 1 s for slots in all
-    monkeypatch.setattr(delivery, "BULK_PACE_S", 1.0)
+    monkeypatch.setattr(batch_engine, "BULK_PACE_S", 1.0)
     d = deliverer(METRIX_RATE_LIMIT="5/s", METRIX_RATE_BURST="1")
     # When a batch of 20 is delivered
-    outcomes = d.deliver_many(APP_ID, items(20))
+    outcomes = deliver_many(d, APP_ID, items(20))
     # Then a few seconds' worth went out, and the rest is deferred until the app has slots again
     sent = actions(outcomes)["delivered"]
     assert 3 <= sent <= 12  # about 1 s of pacing at 5/s, plus the burst and the max wait
@@ -244,7 +246,7 @@ def test_a_429_pauses_the_rest_of_the_batch(
     fake_metrix.inject(429, count=1, retry_after="1")
     d = deliverer(METRIX_BULK_CONCURRENCY="1")
     # When a batch of 6 is delivered one at a time
-    outcomes = d.deliver_many(APP_ID, items(6))
+    outcomes = deliver_many(d, APP_ID, items(6))
     # Then the 429'd event is retried later, the others delivered after the pause
     assert actions(outcomes) == {"retry": 1, "delivered": 5}
     first, *rest = fake_metrix.requests
@@ -257,15 +259,15 @@ def test_an_error_in_a_sending_thread_parks_only_that_event(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     d = deliverer()
-    real_send = d.client.send
+    real_send = d.http.send
 
     def send(app_id: str, dev_key: str, event: dict[str, Any]) -> Any:
         if event["metrixUserId"] == "u3":
             raise RuntimeError("boom")
         return real_send(app_id, dev_key, event)
 
-    monkeypatch.setattr(d.client, "send", send)
-    outcomes = d.deliver_many(APP_ID, items(6))
+    monkeypatch.setattr(d.http, "send", send)
+    outcomes = deliver_many(d, APP_ID, items(6))
     assert actions(outcomes) == {"delivered": 5, "dead_lettered": 1}
     dlq = DeadLetterStore(redis_client, prefix="metrix", retention_s=3600, max_entries=100)
     (letter,) = dlq.list()

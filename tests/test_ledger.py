@@ -8,7 +8,7 @@ import pytest
 import redis
 from conftest import wait_until
 
-from metrix_s2s.ledger import ClaimState, Ledger, Limits
+from metrix_s2s.ledger import ClaimState, FinishMode, Ledger, Limits
 from metrix_s2s.ratelimit import RateLimit
 
 FAST = Limits(RateLimit(1_000_000, burst=1_000))
@@ -26,7 +26,7 @@ def test_a_claim_counts_attempts_and_holds_the_guard(ledger: Ledger) -> None:
     other = ledger.claim("e1", "tok-b", "A", FAST)
     assert other.state is ClaimState.BUSY
     assert 29_000 < other.wait_ms <= 30_000
-    assert ledger.release("e1", "tok-a", "A")
+    assert ledger.finish("e1", "tok-a", "A", FinishMode.RETRY)
     second = ledger.claim("e1", "tok-b", "A", FAST)
     assert (second.state, second.attempt) == (ClaimState.OK, 2)
     assert second.first_attempt_ms == first.first_attempt_ms
@@ -34,7 +34,7 @@ def test_a_claim_counts_attempts_and_holds_the_guard(ledger: Ledger) -> None:
 
 def test_releasing_someone_elses_guard_does_nothing(ledger: Ledger) -> None:
     ledger.claim("e1", "tok-a", "A", FAST)
-    assert not ledger.release("e1", "tok-b", "A")
+    assert not ledger.finish("e1", "tok-b", "A", FinishMode.RETRY)
     assert ledger.claim("e1", "tok-c", "A", FAST).state is ClaimState.BUSY
 
 
@@ -44,8 +44,8 @@ def test_a_delivered_event_is_never_claimed_again_and_is_forgotten_elsewhere(
     ledger.mark_pending({"e1": ("A", {"eventSlug": "x"})}, now_ms=1)
     redis_client.hset("t:redriven", "e1", 2)
     ledger.claim("e1", "tok-a", "A", FAST)
-    ledger.delivered("e1", "tok-a", "A", 200, 123)
-    assert ledger.is_delivered("e1")
+    ledger.finish("e1", "tok-a", "A", FinishMode.DELIVERED, "200:123")
+    assert ledger.examine(["e1"])[0].delivered
     assert ledger.claim("e1", "tok-b", "A", FAST).state is ClaimState.DELIVERED
     assert redis_client.get("t:delivered:e1") == b"200:123"
     assert 3500 < redis_client.ttl("t:delivered:e1") <= 3600
@@ -61,10 +61,10 @@ def test_a_final_release_resets_the_budget_and_the_pending_record(
 ) -> None:
     ledger.mark_pending({"e1": ("A", {})}, now_ms=1)
     ledger.claim("e1", "tok-a", "A", FAST)
-    ledger.release("e1", "tok-a", "A")
+    ledger.finish("e1", "tok-a", "A", FinishMode.RETRY)
     assert redis_client.zscore("t:pending", "e1") > 1, "a retry marks the event as seen"
     ledger.claim("e1", "tok-b", "A", FAST)
-    ledger.release("e1", "tok-b", "A", final=True)
+    ledger.finish("e1", "tok-b", "A", FinishMode.FINAL)
     assert redis_client.zscore("t:pending", "e1") is None
     assert ledger.claim("e1", "tok-c", "A", FAST).attempt == 1
 
@@ -93,15 +93,15 @@ def test_a_dead_senders_guard_expires(redis_client: redis.Redis) -> None:
 
 def test_a_429_pauses_its_app_and_only_its_app(ledger: Ledger, redis_client: redis.Redis) -> None:
     ledger.claim("e1", "tok-a", "A", FAST)
-    ledger.release("e1", "tok-a", "A", pause_ms=5000)
+    ledger.finish("e1", "tok-a", "A", FinishMode.RETRY, pause_ms=5000)
     paused = ledger.claim("e2", "tok-b", "A", FAST)
     assert paused.state is ClaimState.PAUSED
     assert 4000 < paused.wait_ms <= 5000
     assert ledger.claim("e3", "tok-c", "B", FAST).state is ClaimState.OK
     assert not redis_client.exists("t:attempts:e2"), "a paused claim spends no attempt"
     # a shorter pause never shortens a longer one
-    ledger.release("e3", "tok-c", "B", pause_ms=100)
-    ledger.release("e9", "tok-x", "A", pause_ms=100)
+    ledger.finish("e3", "tok-c", "B", FinishMode.RETRY, pause_ms=100)
+    ledger.finish("e9", "tok-x", "A", FinishMode.RETRY, pause_ms=100)
     assert redis_client.pttl("t:pause:A") > 4000
 
 
@@ -143,7 +143,7 @@ def test_unclaiming_gives_back_the_attempt_and_the_guard(
     assert not redis_client.exists("t:inflight:e1")
     assert ledger.claim("e1", "tok-b", "A", FAST).attempt == 1
     assert ledger.pause_left_ms("A") == 0
-    ledger.release("e1", "tok-b", "A", pause_ms=3000)
+    ledger.finish("e1", "tok-b", "A", FinishMode.RETRY, pause_ms=3000)
     assert 2000 < ledger.pause_left_ms("A") <= 3000
 
 
@@ -152,7 +152,7 @@ def test_a_pending_record_written_late_is_not_kept_for_a_finished_event(
 ) -> None:
     # the producer writes the record after publishing; a fast worker may have finished already
     ledger.claim("done", "tok", "A", FAST)
-    ledger.delivered("done", "tok", "A", 200, 1)
+    ledger.finish("done", "tok", "A", FinishMode.DELIVERED, "200:1")
     redis_client.hset("t:dlq:entry:parked", "reason", "rejected")
     ledger.mark_pending({"done": ("A", {}), "parked": ("A", {}), "new": ("A", {})}, now_ms=5)
     assert redis_client.zrange("t:pending", 0, -1) == [b"new"]

@@ -11,7 +11,8 @@ import redis
 from conftest import APP_ID, DEV_KEY, OTHER_APP, OTHER_KEY, Worker, make_event
 from fake_metrix import FakeMetrix
 
-from metrix_s2s.ratelimit import RateLimit, RateLimiter
+from metrix_s2s.ledger import ClaimState, Ledger, Limits
+from metrix_s2s.ratelimit import RateLimit
 
 pytestmark = pytest.mark.slow
 
@@ -94,9 +95,11 @@ def test_a_429_pauses_its_app_for_the_whole_pool_and_only_that_app(
     assert len({r.body["metrixUserId"] for r in fake_metrix.accepted}) == 80
 
 
-def test_the_limiter_on_its_own_spaces_reservations(redis_client: redis.Redis) -> None:
-    limiter = RateLimiter(redis_client, "t:rl:solo", RateLimit(100, burst=5))
-    grants = [limiter.acquire(max_wait_s=0.02) for _ in range(10)]
+def test_the_limiter_spaces_reservations(redis_client: redis.Redis) -> None:
+    ledger = Ledger(redis_client, prefix="t", ttl_s=3600, guard_ttl_s=30)
+    limits = Limits(RateLimit(100, burst=5), max_wait_s=0.02)
+    claims = ledger.claim_many([(f"e{i}", "tok") for i in range(10)], "solo", limits)
+    grants = [(c.state is ClaimState.OK, c.wait_ms / 1000) for c in claims]
     assert [granted for granted, _ in grants] == [True] * 7 + [False] * 3
     assert [wait for _, wait in grants[:5]] == [0.0] * 5
     assert grants[5][1] == pytest.approx(0.01, abs=0.002)

@@ -16,10 +16,10 @@ import redis
 
 from .. import __version__
 from ..deadletter import DeadLetterStore
-from ..delivery import get_deliverer
 from ..embedded import ensure_embedded, find_redis_server
 from ..errors import ConfigurationError, EnqueueError, InvalidEvent
 from ..settings import Settings, configure, redact_url
+from ..stores import get_dead_letters
 
 PROG = "metrix-s2s"
 
@@ -197,7 +197,7 @@ def current_state(ctx: click.Context) -> State:
 def dead_letter_store(state: State) -> DeadLetterStore:
     """The dead-letter store of the configured deliverer; a configuration error without one."""
     state.require()
-    return get_deliverer().dead_letters
+    return get_dead_letters()
 
 
 # ---------------------------------------------------------------------------------------------

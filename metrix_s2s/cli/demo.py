@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..demo import run
 from .app import Failure
 
 
@@ -11,7 +12,5 @@ from .app import Failure
 @click.option("--events", default=60, show_default=True, help="Good events to send.")
 def demo(events: int) -> None:
     """See it work: deliver a realistic mix of events on this machine, nothing else needed."""
-    from ..demo import run
-
     if not run(events, echo=lambda text: click.echo(text, nl=False)):
         raise Failure("the demo did not end as expected")

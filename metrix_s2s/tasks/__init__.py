@@ -4,9 +4,10 @@ Include this module in a Celery app (``include=["metrix_s2s.tasks"]`` or autodis
 workers to run metrix-s2s's tasks.
 """
 
-from .bulk import BULK_TASK_NAME, SendEventsTask, send_metrix_events
-from .maintenance import RECONCILE_TASK, REDRIVE_TASK, reconcile_pending, redrive_dead_letters
-from .send import QUEUE, TASK_NAME, SendEventTask, send_metrix_event
+from ..names import BULK_TASK_NAME, QUEUE, RECONCILE_TASK, REDRIVE_TASK, TASK_NAME
+from .bulk import SendEventsTask, send_metrix_events
+from .maintenance import reconcile_pending, redrive_dead_letters
+from .send import SendEventTask, enqueue_event, send_metrix_event
 
 __all__ = [
     "BULK_TASK_NAME",
@@ -16,6 +17,7 @@ __all__ = [
     "TASK_NAME",
     "SendEventTask",
     "SendEventsTask",
+    "enqueue_event",
     "reconcile_pending",
     "redrive_dead_letters",
     "send_metrix_event",

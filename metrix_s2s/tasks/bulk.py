@@ -20,17 +20,15 @@ from typing import Any, cast
 from celery import shared_task
 from celery.local import Proxy
 
+from ..batch import deliver_many
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
+from ..names import BULK_TASK_NAME, EVENT_IDS_HEADER
 from ..schema import validate_app_id, validate_event
-from ..settings import start_embedded_for
+from ..settings import get_settings, start_embedded_for
 from .send import PUBLISH_ERRORS, SendEventTask, _producer_app, mark_pending, masked, unpack
 
 logger = logging.getLogger("metrix_s2s.tasks")
-
-BULK_TASK_NAME = "metrix_s2s.send_events"
-#: The message header listing a batch's event ids (read by the reconciler).
-EVENT_IDS_HEADER = "metrix_event_ids"
 
 
 def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
@@ -78,7 +76,7 @@ class SendEventsTask(SendEventTask):
             raise InvalidEvent(errors)
         items: list[list[Any]] = [[str(uuid.uuid4()), event] for event in normalized]
         start_embedded_for(self.app.conf.broker_url)
-        size = get_deliverer().settings.bulk_max
+        size = get_settings().bulk_max
         results = []
         for start in range(0, len(items), size):
             batch = items[start : start + size]
@@ -110,7 +108,7 @@ def _send_metrix_events(self: SendEventsTask, app_id: Any, items: Any) -> dict[s
         # Not a batch this task published: park it whole rather than guess.
         deliverer.dead_letter_error(app_id, items, self.request.id, ValueError("not a batch"))
         return {"dead_lettered": 1}
-    outcomes = deliverer.deliver_many(app_id, [(str(i), e) for i, e in items])
+    outcomes = deliver_many(deliverer, app_id, [(str(i), e) for i, e in items])
     again = [[event_id, event] for event_id, event, result in outcomes if result is None or
              result.action in (Action.RETRY, Action.DEFER)]  # fmt: skip
     counts = Counter(result.action.value if result else "retry" for _, _, result in outcomes)

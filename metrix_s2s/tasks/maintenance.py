@@ -7,9 +7,7 @@ from typing import Any
 from celery import shared_task
 
 from .. import operations
-
-REDRIVE_TASK = "metrix_s2s.redrive"
-RECONCILE_TASK = "metrix_s2s.reconcile"
+from ..names import RECONCILE_TASK, REDRIVE_TASK
 
 
 @shared_task(name=REDRIVE_TASK, ignore_result=True, serializer="json")

@@ -25,18 +25,17 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.local import Proxy
 from celery.worker.request import Request
 
+from .. import workers
 from ..backoff import compute_backoff
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError
+from ..names import TASK_NAME
 from ..schema import now_ms, validate_app_id, validate_event
 from ..settings import start_embedded_for
+from ..stores import get_ledger
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
-#: The task's registered name; stable across releases, since queued messages carry it.
-TASK_NAME = "metrix_s2s.send_event"
-#: The queue the task is published to and the workers consume.
-QUEUE = "metrix_s2s"
 #: Backoff while Redis (the ledger and dead-letter store) is unreachable, in seconds.
 INFRA_BACKOFF_BASE_S = 2.0
 INFRA_BACKOFF_MAX_S = 60.0
@@ -87,7 +86,7 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         current database transaction commits, and never if it rolls back."""
         validate_app_id(app_id)
         normalized = validate_event(event)
-        from django.db import transaction
+        from django.db import transaction  # noqa: PLC0415 - Django is optional
 
         transaction.on_commit(lambda: self.delay(app_id, normalized), using=using)
 
@@ -146,7 +145,7 @@ def mark_pending(entries: Mapping[str, tuple[str, Any]]) -> None:
     queued; it only loses the reconciler's protection, so this warns instead of failing.
     """
     try:
-        get_deliverer().ledger.mark_pending(entries, now_ms())
+        get_ledger().mark_pending(entries, now_ms())
     except redis.RedisError as exc:
         ids = ", ".join(list(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         logger.warning("events %s: queued, but not recorded as pending (%s)", ids, exc)
@@ -193,10 +192,14 @@ def _producer_app() -> Any:
     worker) when there is one, otherwise metrix-s2s's app configured from the environment."""
     app = _state._tls.current_app or _state.default_app
     if app is None or _is_fallback(app):
-        from ..workers import app as own_app
-
-        return own_app
+        return workers.app
     return app
+
+
+def enqueue_event(event_id: str, app_id: str, event: Any) -> None:
+    """Publish ``event`` again under its own id, exactly as a producer does (validation, pending
+    record): a re-drive or a reconciler copy (:data:`metrix_s2s.names.Enqueue`)."""
+    send_metrix_event.apply_async((app_id, event), task_id=event_id)
 
 
 def _resolve() -> SendEventTask:

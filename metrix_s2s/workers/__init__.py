@@ -1,4 +1,4 @@
-"""The Celery side of metrix-s2s: the app, its settings, queues, routes (and, later, beat).
+"""The Celery side of metrix-s2s: the app, its settings, queues, routes and beat schedule.
 
 ``celery -A metrix_s2s.workers worker`` starts a worker with the recommended settings. The app is
 built on first access of ``metrix_s2s.workers.app``, from the environment at that moment, so that
@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import settings as settings_module
 from .config import beat_schedule, configure_app, recommended_settings
 from .factory import create_app
 
@@ -50,8 +51,6 @@ def rebuilt_for(environ: Mapping[str, str | None]) -> Iterator[None]:
     environment changed by ``environ`` (``None`` unsets a variable); both are forgotten again on
     the way out, and the environment restored. For tools and tests that point this process at
     another broker; an app already built before the block is not used inside it."""
-    from .. import settings as settings_module
-
     global _app  # noqa: PLW0603
     saved = {key: os.environ.get(key) for key in environ}
     _set_environ(environ)

@@ -11,10 +11,9 @@ from typing import Any
 
 from kombu.entity import Queue
 
+from .. import settings as settings_module
+from ..names import BULK_TASK_NAME, QUEUE, RECONCILE_TASK, REDRIVE_TASK, TASK_NAME
 from ..settings import Settings, get_settings
-from ..tasks.bulk import BULK_TASK_NAME
-from ..tasks.maintenance import RECONCILE_TASK, REDRIVE_TASK
-from ..tasks.send import QUEUE, TASK_NAME
 
 MAINTENANCE_TASKS = (REDRIVE_TASK, RECONCILE_TASK)
 
@@ -113,8 +112,6 @@ def configure_app(app: Any, settings: Settings | None = None) -> Any:
     waits), and points metrix-s2s's state (dead letters, ledger) at the app's broker when that is
     Redis and ``METRIX_REDIS_URL`` is not set. Returns the app.
     """
-    from .. import settings as settings_module
-
     s = (settings or get_settings()).for_broker(app.conf.broker_url or get_settings().broker_url)
     settings_module.configure(s)
     ours = recommended_settings(s)

@@ -6,7 +6,6 @@ script, a cron job) publishes through it when it has no Celery app of its own.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from celery import Celery
@@ -23,9 +22,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("metrix_s2s", set_as_current=False, include=["metrix_s2s.tasks"])
     app.conf.update(own_app_settings(s))
-    result_backend = os.environ.get("CELERY_RESULT_BACKEND")
-    if result_backend:
-        app.conf.update(result_backend=result_backend, task_ignore_result=False)
+    if s.result_backend:
+        app.conf.update(result_backend=s.result_backend, task_ignore_result=False)
     return app
 
 

@@ -1,0 +1,256 @@
+"""The bulk path's engine: one app's events, delivered up to ``METRIX_BULK_CONCURRENCY`` at a time.
+
+:func:`deliver_many` is :meth:`Deliverer.deliver` for many events of one app at once, built on
+the deliverer's public steps (check, claim in the ledger, send, record) and the same verdicts.
+The batch's own thread (the task's) claims events in groups, as many as there are free places (one
+ledger round trip per group), and hands each claimed event to the process's sending threads, which
+only wait for the event's rate-limit slot and POST it. Finished sends come back to the batch's
+thread, which asks :mod:`metrix_s2s.verdicts` what each means and records all that finished
+together in one round trip: a delivered event is in the ledger a few milliseconds after Metrix
+answered. Redis is thus touched a few times per group of events rather than twice per event, and
+the sending threads never wait for it.
+
+Without a rate-limit slot, the batch waits in the worker for at most :data:`BULK_PACE_S` in all,
+then hands the rest back (deferred); a 429 pause likewise. After
+:attr:`Settings.bulk_claim_window_s` it claims nothing more, so that a batch's run stays within its
+task's time limit and the visibility timeout; what it did not claim is deferred with no wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from . import verdicts
+from .delivery import Decided, Deliverer
+from .ledger import Claim, ClaimState
+from .outcome import Outcome
+from .settings import AppConfig
+from .verdicts import Rejected, Verdict
+
+logger = logging.getLogger("metrix_s2s.delivery")
+
+#: Seconds a batch waits in the worker, in all, for rate-limit slots and 429 pauses before it
+#: hands the rest of its events back to the queue.
+BULK_PACE_S = 5.0
+#: Seconds a batch's thread lets finished sends gather before recording them in one round trip.
+GROUP_COMMIT_S = 0.002
+#: Why the rest of a batch is deferred, for the log.
+_HANDED_BACK = "batch"
+
+
+def deliver_many(
+    deliverer: Deliverer, app_id: Any, items: list[tuple[str, Any]]
+) -> list[tuple[str, Any, Verdict | None]]:
+    """Deliver many events of one app: ``(event_id, event, verdict)`` for each of ``items``
+    (``(event_id, event)`` pairs); ``verdict`` is ``None`` when Redis could not be reached for
+    that event (nothing was decided: try it again later)."""
+    results: list[Verdict | None] = [None] * len(items)
+    ready: list[_Entry] = []
+    app: AppConfig | None = None
+    try:
+        for index, (event_id, event) in enumerate(items):
+            checked = deliverer.check(app_id, event)
+            if isinstance(checked, Rejected):
+                decided = Decided(event_id, checked.event, checked.verdict)
+                results[index] = deliverer.record_one(str(app_id), decided)
+            else:
+                app = checked.app
+                ready.append(_Entry(index, event_id, checked.event))
+    except redis.RedisError:
+        return [(event_id, event, None) for event_id, event in items]
+    if app is not None and ready:
+        _Batch(deliverer, app, ready, results).run()
+    return [(event_id, event, results[i]) for i, (event_id, event) in enumerate(items)]
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _executor(width: int) -> ThreadPoolExecutor:
+    """The sending threads this process's batches share, made after any fork."""
+    global _pool  # noqa: PLW0603 - one pool per process and width
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] != width:
+            pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="metrix-bulk")
+            _pool = (os.getpid(), width, pool)
+        return _pool[2]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One valid event of a batch: its place in the batch, its id, its normalised body."""
+
+    index: int
+    event_id: str
+    event: Any
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A finished send of a batch, handed from a sending thread to the batch's own thread."""
+
+    entry: _Entry
+    token: str
+    claim: Claim
+    outcome: tuple[Outcome, float] | Verdict | BaseException
+
+
+class _Batch:
+    """One run of :func:`deliver_many` over the valid events of one app."""
+
+    def __init__(
+        self,
+        deliverer: Deliverer,
+        app: AppConfig,
+        entries: list[_Entry],
+        results: list[Verdict | None],
+    ) -> None:
+        self.d = deliverer
+        self.settings = deliverer.settings
+        self.app = app
+        self.todo = collections.deque(entries)
+        self.results = results
+        self.done: queue.SimpleQueue[_Sent] = queue.SimpleQueue()
+        self.in_flight = 0
+        self.width = self.settings.bulk_concurrency
+        self.stop_claiming_at = time.monotonic() + self.settings.bulk_claim_window_s
+        self.pace_left_s = BULK_PACE_S
+        self.resume_at = 0.0
+        self.broken = False
+
+    def run(self) -> None:
+        executor = _executor(self.width)
+        while self.todo or self.in_flight:
+            now = time.monotonic()
+            can_claim = bool(self.todo) and not self.broken
+            room = self.width - self.in_flight >= max(1, self.width // 4) or not self.in_flight
+            if can_claim and room and now >= self.resume_at:
+                if now >= self.stop_claiming_at:
+                    self._defer_rest(0)
+                else:
+                    self._claim(executor, self.width - self.in_flight)
+            elif self.in_flight:
+                # Until a send finishes, or until the app may be claimed from again.
+                self._collect(self.resume_at - now if can_claim and room else None)
+            elif can_claim:
+                time.sleep(self.resume_at - now)
+            else:
+                break  # Redis failed: the rest stays undecided
+
+    def _claim(self, executor: ThreadPoolExecutor, free: int) -> None:
+        group = [self.todo.popleft() for _ in range(min(free, len(self.todo)))]
+        tokens = [uuid.uuid4().hex for _ in group]
+        try:
+            claims = self.d.ledger.claim_many(
+                list(zip((e.event_id for e in group), tokens, strict=True)),
+                self.app.app_id,
+                self.d.limits_for(self.app),
+            )
+        except redis.RedisError:
+            self.broken = True  # nothing decided for the rest: the task tries them again
+            return
+        poisoned: list[tuple[int, Decided]] = []
+        held: list[_Entry] = []
+        wait_ms = 0
+        for entry, token, claim in zip(group, tokens, claims, strict=True):
+            if claim.state in (ClaimState.PAUSED, ClaimState.LIMITED):
+                held.append(entry)  # this event and the rest wait for the app
+                wait_ms = max(wait_ms, claim.wait_ms)
+                continue
+            verdict = verdicts.on_claim(self.settings, claim, self.d.rand)
+            if verdict is None:
+                self.in_flight += 1
+                executor.submit(self._send, entry, token, claim)
+            elif verdict.finish_mode is None:  # a duplicate, or busy in another worker
+                self.d.log(self.app.app_id, entry.event_id, verdict)
+                self.results[entry.index] = verdict
+            else:  # poison
+                decided = self.d.decided(self.app, entry.event_id, entry.event, token, verdict)
+                poisoned.append((entry.index, decided))
+        if poisoned:
+            self._write(poisoned)
+        if held:
+            self.todo.extendleft(reversed(held))
+            wait_s = wait_ms / 1000
+            if wait_s <= self.pace_left_s:
+                self.pace_left_s -= wait_s
+                self.resume_at = time.monotonic() + wait_s
+            else:
+                self._defer_rest(wait_ms)
+
+    def _send(self, entry: _Entry, token: str, claim: Claim) -> None:
+        """In a sending thread: wait for the slot, POST, hand the outcome back."""
+        outcome: tuple[Outcome, float] | Verdict | BaseException
+        try:
+            outcome = self.d.send(self.app, entry.event, entry.event_id, token, claim)
+        except Exception as exc:  # handed to the batch's thread, which decides what it means
+            outcome = exc
+        self.done.put(_Sent(entry, token, claim, outcome))
+
+    def _collect(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for a send to finish, then take every other one that has
+        finished meanwhile, and record them together."""
+        try:
+            finished = [self.done.get(timeout=timeout)]
+        except queue.Empty:
+            return
+        if self.in_flight > 1:
+            time.sleep(GROUP_COMMIT_S)  # let a few more finish, to record them together
+        while True:
+            try:
+                finished.append(self.done.get_nowait())
+            except queue.Empty:
+                break
+        self.in_flight -= len(finished)
+        decisions: list[tuple[int, Decided]] = []
+        for sent in finished:
+            entry, outcome = sent.entry, sent.outcome
+            if isinstance(outcome, Verdict):  # paused while waiting for its slot: unclaimed
+                self.results[entry.index] = outcome
+                self.d.log(self.app.app_id, entry.event_id, outcome)
+                continue
+            if isinstance(outcome, redis.RedisError):
+                self.broken = True  # nothing decided: the task tries it again
+                continue
+            if isinstance(outcome, BaseException):
+                logger.error(
+                    "event %s: unexpected error while delivering", entry.event_id, exc_info=outcome
+                )
+                verdict = verdicts.internal_error(outcome)
+                decided = Decided(entry.event_id, entry.event, verdict, sent.token)
+            else:
+                answer, latency_ms = outcome
+                verdict = verdicts.on_answer(self.settings, sent.claim, answer, self.d.rand)
+                decided = self.d.decided(
+                    self.app, entry.event_id, entry.event, sent.token, verdict, latency_ms
+                )
+            decisions.append((entry.index, decided))
+        if decisions:
+            self._write(decisions)
+
+    def _write(self, decisions: list[tuple[int, Decided]]) -> None:
+        try:
+            results = self.d.record(self.app.app_id, [d for _, d in decisions])
+        except redis.RedisError:
+            self.broken = True  # not recorded: these are tried again (Metrix may count twice)
+            return
+        for (index, _), result in zip(decisions, results, strict=True):
+            self.results[index] = result
+
+    def _defer_rest(self, wait_ms: int) -> None:
+        for entry in self.todo:
+            verdict = verdicts.defer(self.settings, wait_ms, why=_HANDED_BACK, rand=self.d.rand)
+            self.results[entry.index] = verdict
+        self.todo.clear()

@@ -1,0 +1,53 @@
+-- finish.lua: records the end of one or more attempts of one app's events
+-- (Ledger.finish_many).
+--
+-- KEYS[1]  pending                  P:pending
+-- KEYS[2]  pending messages         P:pending:msg
+-- KEYS[3]  re-drive counts          P:redriven
+-- KEYS[4]  the app's pause          P:pause:{app_id}
+-- ARGV[1]  stem of delivered keys   P:delivered:
+-- ARGV[2]  stem of in-flight guards P:inflight:
+-- ARGV[3]  stem of attempt counts   P:attempts:
+-- ARGV[4]  ledger TTL, s
+-- ARGV[5]  pause, ms (after a 429; 0: none)
+-- ARGV[6...] event id, token, mode, value quadruples. Modes (FinishMode):
+--   delivered  record the delivery (value "<status>:<ms>") and forget the event everywhere else
+--   final      it was dead-lettered: forget its attempts and its pending record
+--   retry      keep them, and mark it seen now
+--   undo       as retry, and take back the attempt its claim counted (nothing was sent)
+--
+-- A pause is lengthened, never shortened. Releases each guard this attempt still holds, and
+-- returns how many it released.
+
+local now = nil
+local released = 0
+for i = 6, #ARGV, 4 do
+  local id, token, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local attempts = ARGV[3] .. id
+  if mode == 'delivered' then
+    redis.call('SET', ARGV[1] .. id, ARGV[i + 3], 'EX', ARGV[4])
+    redis.call('HDEL', KEYS[3], id)
+  end
+  if mode == 'retry' or mode == 'undo' then
+    if not now then
+      local t = redis.call('TIME')
+      now = t[1] * 1000 + math.floor(t[2] / 1000)
+    end
+    redis.call('ZADD', KEYS[1], 'XX', now, id)
+    if mode == 'undo' then redis.call('HINCRBY', attempts, 'n', -1) end
+  else
+    redis.call('DEL', attempts)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  end
+  local guard = ARGV[2] .. id
+  if redis.call('GET', guard) == token then
+    redis.call('DEL', guard)
+    released = released + 1
+  end
+end
+local pause = tonumber(ARGV[5])
+if pause > 0 and redis.call('PTTL', KEYS[4]) < pause then
+  redis.call('SET', KEYS[4], '1', 'PX', pause)
+end
+return released
