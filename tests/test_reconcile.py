@@ -16,7 +16,8 @@ from fake_metrix import FakeMetrix
 
 from metrix_s2s import operations
 from metrix_s2s import settings as settings_module
-from metrix_s2s.reconcile import Reconciler
+from metrix_s2s.names import EVENT_IDS_HEADER
+from metrix_s2s.reconcile import Reconciler, message_event_ids
 from metrix_s2s.schema import now_ms
 from metrix_s2s.tasks import QUEUE
 
@@ -117,3 +118,61 @@ def test_an_event_held_by_a_worker_in_a_retry_countdown_is_left_alone(
 def test_the_periodic_run_is_locked(producer: Any, redis_client: redis.Redis) -> None:
     redis_client.set("metrix:lock:reconcile", "someone-else", px=10_000)
     assert reconciler().run().locked_out
+
+
+def test_an_event_pending_without_its_message_is_reported_as_such_not_as_requeued(
+    producer: Any, redis_client: redis.Redis
+) -> None:
+    # Given a lost event whose pending record has no message to re-enqueue it from
+    event_id = producer.delay(APP_ID, make_event()).id
+    redis_client.delete(QUEUE)
+    redis_client.hdel("metrix:pending:msg", event_id)
+    # When the reconciler runs
+    report = reconciler().run(now=now_ms() + 1)
+    # Then it says so, enqueues nothing and drops the record it cannot act on
+    assert (report.unrecoverable, report.requeued, report.failed) == (1, 0, 0)
+    assert redis_client.llen(QUEUE) == 0
+    assert redis_client.zcard("metrix:pending") == 0
+
+
+def test_an_event_seen_alive_meanwhile_is_reported_as_moved_not_as_requeued(
+    producer: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a lost event that a worker marks as seen while the reconciler looks at it
+    event_id = producer.delay(APP_ID, make_event()).id
+    redis_client.delete(QUEUE)
+    run = reconciler()
+    stale = run.ledger.stale
+
+    def seen_meanwhile(before_ms: int, limit: int) -> dict[str, float]:
+        found = stale(before_ms, limit)
+        redis_client.zadd("metrix:pending", {event_id: now_ms() + 5})
+        return found
+
+    monkeypatch.setattr(run.ledger, "stale", seen_meanwhile)
+    # When the reconciler runs
+    report = run.run(now=now_ms() + 1)
+    # Then it leaves the event alone and counts it as moved
+    assert (report.moved, report.requeued) == (1, 0)
+    assert redis_client.llen(QUEUE) == 0
+
+
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")], ids=["kombu-spacing", "compact"])
+def test_the_event_ids_of_a_broker_message_are_read_from_its_json(
+    separators: tuple[str, str],
+) -> None:
+    message = {
+        "body": "W10=",
+        "headers": {
+            "id": "batch-1",
+            "task": "metrix_s2s.send_events",
+            EVENT_IDS_HEADER: ["a", "b"],
+        },
+        "properties": {"correlation_id": "batch-1"},
+    }
+    queued = json.dumps(message, separators=separators)
+    unacked = json.dumps([message, "", "metrix_s2s"], separators=separators)
+    assert message_event_ids(queued) == ["batch-1", "a", "b"]
+    assert message_event_ids(unacked) == ["batch-1", "a", "b"]
+    assert message_event_ids(b"not json") == []
+    assert message_event_ids('{"headers": "odd"}') == []
