@@ -45,7 +45,9 @@ logger = logging.getLogger("metrix_s2s.delivery")
 BULK_PACE_S = 5.0
 #: Seconds a batch's thread lets finished sends gather before recording them in one round trip.
 GROUP_COMMIT_S = 0.002
-#: Why the rest of a batch is deferred, for the log.
+#: Seconds a batch waits at a time for a sending thread that other batches hold.
+SLOT_WAIT_S = 0.05
+#: Why the rest of a batch is deferred (its ``Verdict.why``; the task retries them as one).
 _HANDED_BACK = "batch"
 
 
@@ -74,18 +76,58 @@ def deliver_many(
     return [(event_id, event, results[i]) for i, (event_id, event) in enumerate(items)]
 
 
+class _Slots:
+    """The free sending threads of this process, shared by its concurrent batches: a batch
+    claims an event only when a thread is free to send it, so no claimed event waits in a queue
+    while its in-flight guard runs out."""
+
+    def __init__(self, width: int) -> None:
+        self._cond = threading.Condition()
+        self._free = width
+
+    def take(self, wanted: int) -> int:
+        """Up to ``wanted`` free threads, without waiting."""
+        with self._cond:
+            got = min(wanted, self._free)
+            self._free -= got
+            return got
+
+    def give(self, count: int = 1) -> None:
+        if count:
+            with self._cond:
+                self._free += count
+                self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Until a thread is given back, or ``timeout``."""
+        with self._cond:
+            if not self._free:
+                self._cond.wait(timeout)
+
+
 _pool_lock = threading.Lock()
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, int, ThreadPoolExecutor, _Slots] | None = None
 
 
-def _executor(width: int) -> ThreadPoolExecutor:
-    """The sending threads this process's batches share, made after any fork."""
+def _senders(width: int) -> tuple[ThreadPoolExecutor, _Slots]:
+    """The sending threads this process's batches share and their free places, made after any
+    fork."""
     global _pool  # noqa: PLW0603 - one pool per process and width
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] != width:
             pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="metrix-bulk")
-            _pool = (os.getpid(), width, pool)
-        return _pool[2]
+            _pool = (os.getpid(), width, pool, _Slots(width))
+        return _pool[2], _pool[3]
+
+
+def _forget_senders() -> None:
+    """In a forked child: the parent's threads are not there; make new ones on first use."""
+    global _pool, _pool_lock  # noqa: PLW0603
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_senders)
 
 
 @dataclass(frozen=True)
@@ -131,7 +173,7 @@ class _Batch:
         self.broken = False
 
     def run(self) -> None:
-        executor = _executor(self.width)
+        executor, slots = _senders(self.width)
         while self.todo or self.in_flight:
             now = time.monotonic()
             can_claim = bool(self.todo) and not self.broken
@@ -139,8 +181,14 @@ class _Batch:
             if can_claim and room and now >= self.resume_at:
                 if now >= self.stop_claiming_at:
                     self._defer_rest(0)
+                    continue
+                free = slots.take(min(self.width - self.in_flight, len(self.todo)))
+                if free:
+                    slots.give(free - self._claim(executor, slots, free))
+                elif self.in_flight:
+                    self._collect(SLOT_WAIT_S)  # other batches hold the threads: ours first
                 else:
-                    self._claim(executor, self.width - self.in_flight)
+                    slots.wait(SLOT_WAIT_S)
             elif self.in_flight:
                 # Until a send finishes, or until the app may be claimed from again.
                 self._collect(self.resume_at - now if can_claim and room else None)
@@ -149,7 +197,9 @@ class _Batch:
             else:
                 break  # Redis failed: the rest stays undecided
 
-    def _claim(self, executor: ThreadPoolExecutor, free: int) -> None:
+    def _claim(self, executor: ThreadPoolExecutor, slots: _Slots, free: int) -> int:
+        """Claim up to ``free`` events and hand each claimed one, with its sending thread, to
+        ``executor``; return how many threads were used."""
         group = [self.todo.popleft() for _ in range(min(free, len(self.todo)))]
         tokens = [uuid.uuid4().hex for _ in group]
         try:
@@ -159,8 +209,10 @@ class _Batch:
                 self.d.limits_for(self.app),
             )
         except redis.RedisError:
+            self.todo.extendleft(reversed(group))
             self.broken = True  # nothing decided for the rest: the task tries them again
-            return
+            return 0
+        used = 0
         poisoned: list[tuple[int, Decided]] = []
         held: list[_Entry] = []
         wait_ms = 0
@@ -172,7 +224,8 @@ class _Batch:
             verdict = verdicts.on_claim(self.settings, claim, self.d.rand)
             if verdict is None:
                 self.in_flight += 1
-                executor.submit(self._send, entry, token, claim)
+                used += 1
+                executor.submit(self._send, slots, entry, token, claim)
             elif verdict.finish_mode is None:  # a duplicate, or busy in another worker
                 self.d.log(self.app.app_id, entry.event_id, verdict)
                 self.results[entry.index] = verdict
@@ -189,14 +242,17 @@ class _Batch:
                 self.resume_at = time.monotonic() + wait_s
             else:
                 self._defer_rest(wait_ms)
+        return used
 
-    def _send(self, entry: _Entry, token: str, claim: Claim) -> None:
+    def _send(self, slots: _Slots, entry: _Entry, token: str, claim: Claim) -> None:
         """In a sending thread: wait for the slot, POST, hand the outcome back."""
         outcome: tuple[Outcome, float] | Verdict | BaseException
         try:
             outcome = self.d.send(self.app, entry.event, entry.event_id, token, claim)
         except Exception as exc:  # handed to the batch's thread, which decides what it means
             outcome = exc
+        finally:
+            slots.give()
         self.done.put(_Sent(entry, token, claim, outcome))
 
     def _collect(self, timeout: float | None) -> None:

@@ -9,6 +9,16 @@ headers once and hands each request straight to the session's transport adapter
 (``HTTPAdapter.send``). ``Session.request`` would merge settings, cookies, hooks and environment
 for every call, none of which a delivery uses (no cookies, no redirects followed, no proxy or
 ``.netrc`` from the environment): skipping it halves the CPU time of a POST.
+
+Bounds on every exchange, whatever the server does:
+
+- a deadline (:mod:`metrix_s2s.deadline`): connect, send, status, headers and body end within the
+  connect plus the read timeout; an exchange cut by it is a retryable timeout (or, when the
+  status had arrived, the status's outcome: a 2xx cut in its body was still accepted);
+- a bounded read: the answer is streamed and only the first :data:`MAX_BODY_BYTES` are read; a
+  connection with more left is closed rather than drained, so a huge answer costs no memory;
+- no dev-key in what comes back: a body or an error that echoes the key has it replaced by the
+  key's fingerprint before it leaves this module (excerpts, details, logs, dead letters).
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ from urllib.parse import quote
 import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .outcome import Outcome, classify_exception, classify_response
+from .deadline import Attempt, deadline, watch_socket
+from .outcome import Kind, Outcome, classify_exception, classify_response
+from .settings import key_fingerprint
 
 #: Connections kept alive per host; raised to the worker pool's concurrency when it is larger.
 DEFAULT_POOL_SIZE = 16
@@ -38,19 +52,87 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def redact_key(text: str, dev_key: str, fingerprint: str) -> str:
+    """``text`` with every spelling of ``dev_key`` (as sent, and as ``repr`` shows it in error
+    messages) replaced by the key's fingerprint."""
+    shown = f"<dev-key {fingerprint}>"
+    for spelling in {dev_key, repr(dev_key)[1:-1]}:
+        if spelling:
+            text = text.replace(spelling, shown)
+    return text
+
+
+class _Watched(HTTPConnection):
+    """Puts the connection's socket under the current attempt's deadline: when it connects
+    (over TLS, once the handshake is done) and before each request (a kept-alive connection)."""
+
+    def connect(self) -> None:
+        super().connect()
+        watch_socket(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        watch_socket(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPConnection(_Watched):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """``HTTPAdapter`` whose connections register their sockets with the attempt's deadline."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPPool,
+            "https": _WatchedHTTPSPool,
+        }
+
+
 class _Transport:
     """One process's session, its adapter, and each app's URL and prepared headers."""
 
     def __init__(self, pool_size: int) -> None:
         # No transport-level retries: retrying is the task's job, with backoff and a budget.
-        self.adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self.adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session = session = requests.Session()
         session.mount("https://", self.adapter)
         session.mount("http://", self.adapter)
-        session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+        session.headers.update(
+            {
+                "User-Agent": USER_AGENT,
+                "Content-Type": "application/json",
+                # only an excerpt is ever read: nothing to decompress
+                "Accept-Encoding": "identity",
+            }
+        )
         session.trust_env = False  # no proxy or .netrc surprises in a worker
         self.pid = os.getpid()
-        self.prepared: dict[tuple[str, str], tuple[str, CaseInsensitiveDict[str]]] = {}
+        self.prepared: dict[tuple[str, str], _Prepared] = {}
+
+
+class _Prepared:
+    """One app's URL, headers and key fingerprint, prepared once."""
+
+    __slots__ = ("fingerprint", "headers", "url")
+
+    def __init__(self, url: str, headers: CaseInsensitiveDict[str], fingerprint: str) -> None:
+        self.url = url
+        self.headers = headers
+        self.fingerprint = fingerprint
 
 
 class MetrixClient:
@@ -66,6 +148,8 @@ class MetrixClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout_s, read_timeout_s)
+        #: Seconds one exchange may take in all, whatever the server does.
+        self.deadline_s = connect_timeout_s + read_timeout_s
         self.pool_size = max(1, pool_size)
         self._lock = threading.Lock()
         self._transport: _Transport | None = None
@@ -88,42 +172,92 @@ class MetrixClient:
     def url_for(self, app_id: str) -> str:
         return f"{self.base_url}/inappevent/{quote(app_id, safe='')}"
 
-    def _prepare(
-        self, transport: _Transport, app_id: str, dev_key: str, body: bytes
-    ) -> requests.PreparedRequest:
-        """The POST of ``body`` for ``app_id``: what ``Session.prepare_request`` would build."""
+    def _prepared(self, transport: _Transport, app_id: str, dev_key: str) -> _Prepared:
         prepared = transport.prepared.get((app_id, dev_key))
         if prepared is None:
             url = self.url_for(app_id)
             template = requests.Request("POST", url, headers={"Authorization": dev_key})
-            prepared = url, transport.session.prepare_request(template).headers
+            headers = transport.session.prepare_request(template).headers
+            prepared = _Prepared(url, headers, key_fingerprint(dev_key))
             transport.prepared[(app_id, dev_key)] = prepared
-        url, headers = prepared
+        return prepared
+
+    @staticmethod
+    def _request(prepared: _Prepared, body: bytes) -> requests.PreparedRequest:
+        """The POST of ``body``: what ``Session.prepare_request`` would build."""
         request = requests.PreparedRequest()
         request.method = "POST"
-        request.url = url
-        request.headers = headers.copy()
+        request.url = prepared.url
+        request.headers = prepared.headers.copy()
         request.headers["Content-Length"] = str(len(body))
         request.body = body
         return request
 
     def send(self, app_id: str, dev_key: str, event: Mapping[str, Any]) -> Outcome:
-        """POST one event; never raises for HTTP or transport failures."""
+        """POST one event within the deadline; never raises for HTTP or transport failures, and
+        nothing it returns holds the dev-key."""
         transport = self._current()
-        request = self._prepare(transport, app_id, dev_key, encode_event(event))
         try:
-            response = transport.adapter.send(request, timeout=self.timeout)
-            body = response.content[:MAX_BODY_BYTES]
-        except requests.RequestException as exc:
-            return classify_exception(exc)
-        return classify_response(
-            response.status_code,
-            body.decode("utf-8", "replace"),
+            prepared = self._prepared(transport, app_id, dev_key)
+        except requests.RequestException as exc:  # a key or app id that cannot be sent
+            outcome = classify_exception(exc)
+            detail = redact_key(outcome.detail, dev_key, key_fingerprint(dev_key))
+            return Outcome(outcome.kind, detail=detail)
+        request = self._request(prepared, encode_event(event))
+        status: int | None = None
+        with deadline(self.deadline_s) as attempt:
+            try:
+                response = transport.adapter.send(request, timeout=self.timeout, stream=True)
+                status = response.status_code
+                body = _read_excerpt(response)
+            except Exception as exc:
+                if status is None:
+                    return _failed(exc, attempt, self.deadline_s, dev_key, prepared.fingerprint)
+                body = b""  # the answer's status arrived; its body did not: the status counts
+        outcome = classify_response(
+            status,
+            redact_key(body.decode("utf-8", "replace"), dev_key, prepared.fingerprint),
             response.headers.get("Retry-After"),
         )
+        return outcome
 
     def close(self) -> None:
         with self._lock:
             if self._transport is not None and self._transport.pid == os.getpid():
                 self._transport.session.close()
             self._transport = None
+
+
+def _read_excerpt(response: requests.Response) -> bytes:
+    """The first :data:`MAX_BODY_BYTES` of the answer. The connection goes back to the pool when
+    that was the whole answer, and is closed otherwise (never drained)."""
+    raw = response.raw
+    data = b""
+    complete = False
+    try:
+        while len(data) <= MAX_BODY_BYTES:
+            piece = raw.read(MAX_BODY_BYTES + 1 - len(data))
+            if not piece:
+                complete = True
+                break
+            data += piece
+    finally:
+        if complete:
+            raw.release_conn()
+        else:
+            response.close()  # more left, or cut short: drop the connection
+    return data[:MAX_BODY_BYTES]
+
+
+def _failed(
+    exc: BaseException, attempt: Attempt, deadline_s: float, dev_key: str, fingerprint: str
+) -> Outcome:
+    """The outcome of an exchange that ended without a status."""
+    if attempt.expired:
+        return Outcome(
+            Kind.RETRYABLE,
+            detail=f"Timeout: no answer from Metrix within the {deadline_s:g}s deadline",
+        )
+    outcome = classify_exception(exc)
+    detail = redact_key(outcome.detail, dev_key, fingerprint)
+    return Outcome(outcome.kind, outcome.status, outcome.retry_after_s, outcome.excerpt, detail)

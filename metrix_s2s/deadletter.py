@@ -27,7 +27,7 @@ import redis
 from . import redis_scripts
 from .keyspace import Keyspace
 from .redis_client import text
-from .verdicts import Reason
+from .states import Reason
 
 __all__ = ["DeadLetter", "DeadLetterStore", "Reason", "TRIM_BATCH", "Taken"]
 

@@ -116,6 +116,11 @@ class Deliverer:
             if paused_ms:  # a 429 arrived while we waited: honour it, spend nothing
                 self.ledger.unclaim(event_id, token, app.app_id)
                 return verdicts.defer(self.settings, paused_ms, why="paused", rand=self.rand)
+        if not verdicts.may_send(self.settings, claim, time.monotonic()):
+            # Frozen or kept waiting past the point where the guard covers the exchange: give the
+            # claim back rather than race a worker that may claim the event meanwhile.
+            self.ledger.unclaim(event_id, token, app.app_id)
+            return verdicts.defer(self.settings, 0, why="late", rand=self.rand)
         started = time.perf_counter()
         outcome = self.http.send(app.app_id, app.dev_key, event)
         return outcome, (time.perf_counter() - started) * 1000
@@ -133,6 +138,7 @@ class Deliverer:
         return Decided(event_id, event, verdict, token, latency_ms, app.key_fingerprint)
 
     def record_one(self, app_id: str, decided: Decided) -> Verdict:
+        """:meth:`record` for one verdict."""
         return self.record(app_id, [decided])[0]
 
     def record(self, app_id: str, decisions: Sequence[Decided]) -> list[Verdict]:

@@ -16,8 +16,8 @@ The ledger also keeps the pending records that the reconciler reads (:meth:`Ledg
 
 from __future__ import annotations
 
-import enum
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,37 +28,9 @@ from . import redis_scripts
 from .keyspace import Keyspace
 from .ratelimit import RateLimit
 from .redis_client import text
+from .states import Claim, ClaimState, FinishMode
 
-
-class ClaimState(enum.StrEnum):
-    OK = "ok"  # this attempt may send (after ``wait_ms``, its rate-limit slot)
-    DELIVERED = "delivered"  # already delivered: do nothing
-    BUSY = "busy"  # another worker is sending it right now
-    PAUSED = "paused"  # Metrix asked this app to slow down (429): wait ``wait_ms``
-    LIMITED = "limited"  # no rate-limit slot soon: come back in ``wait_ms`` (a place in line)
-
-
-class FinishMode(enum.StrEnum):
-    """How an attempt ends, for the ledger."""
-
-    DELIVERED = "delivered"  # record the delivery; forget the event's other state
-    FINAL = "final"  # dead-lettered: forget its attempts and pending record
-    RETRY = "retry"  # it will be tried again: keep them, mark it seen
-    UNDO = "undo"  # nothing was sent: as retry, and take back the attempt the claim counted
-
-
-@dataclass(frozen=True)
-class Claim:
-    state: ClaimState
-    attempt: int = 0  # 1-based attempt number, when state is OK
-    first_attempt_ms: int = 0
-    now_ms: int = 0  # Redis' clock
-    wait_ms: int = 0  # OK: rate-limit wait before sending; BUSY, PAUSED, LIMITED: time to wait
-
-    @property
-    def elapsed_s(self) -> float:
-        """Seconds since the first attempt, by Redis' clock."""
-        return max(0, self.now_ms - self.first_attempt_ms) / 1000
+__all__ = ["Claim", "ClaimState", "Examined", "Finish", "FinishMode", "Ledger", "Limits"]
 
 
 @dataclass(frozen=True)
@@ -142,6 +114,7 @@ class Ledger:
         ]
         for event_id, token in entries:
             args += [event_id, token]
+        asked_at = time.monotonic()
         reply = self._claim(keys=keys, args=args)
         now = int(reply[0])
         claims = []
@@ -149,7 +122,8 @@ class Ledger:
             state, value, first, wait = reply[i : i + 4]
             kind = ClaimState(text(state))
             if kind is ClaimState.OK:
-                claims.append(Claim(kind, int(value), int(first), now, int(wait)))
+                until = asked_at + (self._guard_ttl_ms + int(wait)) / 1000
+                claims.append(Claim(kind, int(value), int(first), now, int(wait), until))
             else:
                 claims.append(Claim(kind, now_ms=now, wait_ms=max(0, int(value))))
         return claims

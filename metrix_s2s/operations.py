@@ -8,12 +8,12 @@ Both re-enqueue through :func:`enqueue_event`, which publishes exactly as a prod
 from __future__ import annotations
 
 from .names import QUEUE
+from .producer import enqueue_event
 from .reconcile import Reconciler
 from .redis_client import get_redis
 from .redrive import Redriver
 from .settings import Settings, get_settings, is_redis_url
 from .stores import get_dead_letters, get_ledger
-from .tasks.send import enqueue_event
 
 __all__ = ["enqueue_event", "reconciler", "redriver"]
 

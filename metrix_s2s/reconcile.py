@@ -102,8 +102,8 @@ def message_event_ids(raw: bytes | str) -> list[str]:
 def broker_task_ids(
     client: redis.Redis, queues: Iterable[str], *, only: set[str] | None = None
 ) -> set[str]:
-    """Event ids in the Redis broker's queues and its unacknowledged hash (restricted to ``only``
-    when given, to keep the result small)."""
+    """Event ids in the Redis broker's queues and its unacknowledged hash: task ids, and the
+    event ids a batch lists (restricted to ``only`` when given, to keep the result small)."""
     found: set[str] = set()
     for raw in _broker_messages(client, queues):
         found.update(i for i in message_event_ids(raw) if only is None or i in only)

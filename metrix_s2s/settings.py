@@ -31,7 +31,8 @@ Variables (defaults in parentheses):
 ``METRIX_RETRY_AFTER_MAX``   cap on a server's ``Retry-After``, in seconds (120)
 ``METRIX_RETRY_WINDOW``      longest total time an event spends retrying, in seconds (900)
 ``METRIX_CONNECT_TIMEOUT``   HTTP connect timeout, in seconds (3.05)
-``METRIX_READ_TIMEOUT``      HTTP read timeout, in seconds (10)
+``METRIX_READ_TIMEOUT``      HTTP read timeout, in seconds (10); with the connect timeout, the
+                             deadline of a whole exchange, enforced in every pool
 ``METRIX_LEDGER_TTL``        how long a delivered event id is remembered, in seconds (7 days)
 ``METRIX_MAX_REDELIVERIES``  crashed deliveries tolerated beyond the attempts before an event is
                              dead-lettered as poison (5)
@@ -72,19 +73,26 @@ from .errors import ConfigurationError
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BASE_URL = "https://analytics.metrix.ir"
 DEFAULT_RATE_LIMIT = "100/s"
-#: Seconds added to the HTTP timeouts to give the soft time limit.
+#: Seconds added to the longest attempt (a rate-limit wait plus the deadline) to give the soft
+#: time limit, a backstop where the pool applies time limits (prefork, solo).
 TIME_LIMIT_MARGIN_S = 5.0
 #: Seconds between the soft and the hard time limit.
 HARD_LIMIT_GRACE_S = 5.0
 #: Seconds added on top of the longest wait plus the hard limit for the visibility timeout.
 VISIBILITY_MARGIN_S = 30.0
-#: Seconds the in-flight guard outlives the hard time limit, so only a dead sender loses it.
-GUARD_MARGIN_S = 2.0
+#: Seconds the in-flight guard outlives the longest attempt (a rate-limit wait plus the deadline):
+#: time to record the verdict, a slow Redis, a short pause of the process.
+GUARD_MARGIN_S = 12.0
+#: Seconds of its guard a sender must have left beyond the deadline to start a POST: enough to
+#: record the verdict before another worker may claim the event.
+FENCE_MARGIN_S = 2.0
 #: The shortest time a batch of the bulk path claims events for, in seconds.
 BULK_MIN_CLAIM_WINDOW_S = 0.5
 
 #: URL schemes of a Redis server (``redis+socket`` is kombu's spelling of a unix socket).
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
+#: What an HTTP header value may hold: visible ASCII, with spaces only inside.
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_UNITS |= {"h": 3600.0, "hour": 3600.0}
@@ -105,6 +113,12 @@ def parse_rate(value: str, variable: str) -> float:
     return float(match.group(1)) / _RATE_UNITS[match.group(2)]
 
 
+def key_fingerprint(dev_key: str) -> str:
+    """A short, non-reversible fingerprint of a dev-key, shown wherever the key itself must not
+    be (dead-letter records, error texts that echoed it)."""
+    return hashlib.sha256(dev_key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """One Metrix app: its id, its dev-key (never shown) and an optional own rate limit."""
@@ -121,7 +135,7 @@ class AppConfig:
     @property
     def key_fingerprint(self) -> str:
         """A short, non-reversible fingerprint of the dev-key, to tell keys apart in records."""
-        return hashlib.sha256(self.dev_key.encode()).hexdigest()[:12]
+        return key_fingerprint(self.dev_key)
 
 
 @dataclass(frozen=True)
@@ -210,15 +224,17 @@ class Settings:
         return is_redis_url(self.broker_url)
 
     @property
+    def attempt_deadline_s(self) -> float:
+        """How long one HTTP exchange with Metrix may take in all (connect, send, status,
+        headers, body), enforced by the client in every pool (:mod:`metrix_s2s.deadline`). The
+        in-flight guard, the visibility timeout and the bulk claim window derive from it."""
+        return self.connect_timeout_s + self.read_timeout_s
+
+    @property
     def soft_time_limit_s(self) -> float:
-        """A delivery attempt's soft limit: above a rate-limit wait plus the HTTP timeouts, so
-        they fire first."""
-        return (
-            self.rate_max_wait_s
-            + self.connect_timeout_s
-            + self.read_timeout_s
-            + TIME_LIMIT_MARGIN_S
-        )
+        """A delivery attempt's soft limit, where the pool applies one: above a rate-limit wait
+        plus the deadline, so the deadline fires first."""
+        return self.rate_max_wait_s + self.attempt_deadline_s + TIME_LIMIT_MARGIN_S
 
     @property
     def time_limit_s(self) -> float:
@@ -226,9 +242,10 @@ class Settings:
 
     @property
     def guard_ttl_s(self) -> float:
-        """How long an attempt's in-flight guard lives: the hard time limit plus a margin, so a
-        crashed sender's guard expires by itself and only a dead sender loses it."""
-        return self.time_limit_s + GUARD_MARGIN_S
+        """How long an attempt's in-flight guard lives (beyond its rate-limit wait): the longest
+        attempt plus a margin, so a crashed sender's guard expires by itself. A sender that has
+        not started its POST while enough of the guard is left does not start it."""
+        return self.rate_max_wait_s + self.attempt_deadline_s + GUARD_MARGIN_S
 
     @property
     def bulk_claim_window_s(self) -> float:
@@ -403,6 +420,11 @@ def parse_apps(raw: str) -> dict[str, AppConfig]:
         dev_key = value.get("dev_key")
         if not isinstance(dev_key, str) or not dev_key.strip():
             raise ConfigurationError(f"METRIX_APPS[{app_id!r}] has no dev-key")
+        if not _HEADER_VALUE.fullmatch(dev_key.strip()):
+            raise ConfigurationError(
+                f"METRIX_APPS[{app_id!r}] has a dev-key that cannot be sent as an HTTP header "
+                "(only visible ASCII characters, and spaces between them)"
+            )
         rate_limit = value.get("rate_limit")
         if rate_limit is not None:
             if not isinstance(rate_limit, str):

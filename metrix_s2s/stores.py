@@ -7,6 +7,7 @@ import) and rebuilt when the settings are replaced (:func:`metrix_s2s.settings.c
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -28,13 +29,24 @@ _current: _Stores | None = None
 
 
 def _for(settings: Settings | None) -> _Stores:
+    """The process's pair for its own settings (built once, rebuilt when they are replaced); for
+    settings passed in, that pair when they are the same, else a pair of their own, not kept."""
     global _current  # noqa: PLW0603 - one pair per process, rebuilt when the settings change
-    s = settings or get_settings()
+    s = get_settings() if settings is None else settings
     current = _current
     if current is not None and current.settings is s:
         return current
+    if settings is not None:
+        return _build(settings)
+    with _lock:
+        if _current is None or _current.settings is not s:
+            _current = _build(s)
+        return _current
+
+
+def _build(s: Settings) -> _Stores:
     client = get_redis(s.redis_url)
-    built = _Stores(
+    return _Stores(
         s,
         Ledger(client, prefix=s.key_prefix, ttl_s=s.ledger_ttl_s, guard_ttl_s=s.guard_ttl_s),
         DeadLetterStore(
@@ -44,9 +56,16 @@ def _for(settings: Settings | None) -> _Stores:
             max_entries=s.dlq_max_entries,
         ),
     )
-    with _lock:
-        _current = built
-    return built
+
+
+def _forget() -> None:
+    """In a forked child: build the pair anew on first use, on the child's own Redis client."""
+    global _current, _lock  # noqa: PLW0603
+    _current = None
+    _lock = threading.Lock()  # the parent may have held it when it forked
+
+
+os.register_at_fork(after_in_child=_forget)
 
 
 def get_ledger(settings: Settings | None = None) -> Ledger:

@@ -13,6 +13,7 @@ rule                               function
 bad payload, unknown app           :func:`check` (dead letter as ``invalid`` or ``config``)
 already delivered, busy elsewhere  :func:`on_claim` (duplicate, or defer without an attempt)
 paused, no rate-limit slot         :func:`on_claim`, :func:`pause_wait_s`, :func:`defer`
+too little of the guard left       :func:`may_send` (defer: another worker may hold it soon)
 claimed too often (poison)         :func:`poisoned`
 Metrix's answer                    :func:`on_answer` (delivered, retry with backoff, dead letter)
 a 429 pauses the app               :func:`pause_ms`
@@ -29,23 +30,31 @@ from typing import Any
 
 from .backoff import retry_delay
 from .errors import InvalidEvent, format_messages
-from .ledger import Claim, ClaimState, FinishMode
 from .outcome import Kind, Outcome
 from .schema import validate_app_id, validate_event
-from .settings import AppConfig, Settings
+from .settings import FENCE_MARGIN_S, AppConfig, Settings
+from .states import Claim, ClaimState, FinishMode, Reason
 
+__all__ = [
+    "Action",
+    "Reason",
+    "Rejected",
+    "Valid",
+    "Verdict",
+    "check",
+    "dead",
+    "defer",
+    "internal_error",
+    "may_send",
+    "on_answer",
+    "on_claim",
+    "pause_ms",
+    "pause_wait_s",
+    "poisoned",
+]
+
+#: A source of random numbers in [0, 1).
 Random = Callable[[], float]
-
-
-class Reason(enum.StrEnum):
-    """Why an event was dead-lettered."""
-
-    INVALID = "invalid"  # the payload breaks Metrix's rules; never re-driven
-    REJECTED = "rejected"  # Metrix refused it (400 or another 4xx)
-    CONFIG = "config"  # the app's configuration is wrong (401/403/404, unknown app id)
-    EXHAUSTED = "exhausted"  # retryable failures outlasted the retry budget
-    POISON = "poison"  # delivery kept crashing or failing inside the worker
-    REDRIVE_LIMIT = "redrive_limit"  # re-driven METRIX_MAX_REDRIVES times and failed again
 
 
 class Action(enum.StrEnum):
@@ -88,15 +97,21 @@ class Verdict:
 
 
 def dead(
-    reason: Reason, detail: str, *, attempt: int = 0, outcome: Outcome | None = None, pause: int = 0
+    reason: Reason,
+    detail: str,
+    *,
+    attempt: int = 0,
+    outcome: Outcome | None = None,
+    pause_ms: int = 0,
 ) -> Verdict:
+    """A dead letter with its reason and what the record says of it."""
     return Verdict(
         Action.DEAD_LETTERED,
         attempt=attempt,
         outcome=outcome,
         reason=reason,
         detail=detail,
-        pause_ms=pause,
+        pause_ms=pause_ms,
     )
 
 
@@ -146,8 +161,16 @@ def on_claim(settings: Settings, claim: Claim, rand: Random) -> Verdict | None:
     if claim.state is ClaimState.DELIVERED:
         return Verdict(Action.DUPLICATE)
     if claim.state is not ClaimState.OK:
-        return defer(settings, claim.wait_ms, why=claim.state.value, rand=rand)
+        lined_up = claim.state is ClaimState.LIMITED
+        return defer(settings, claim.wait_ms, why=claim.state.value, rand=rand, lined_up=lined_up)
     return poisoned(settings, claim)
+
+
+def may_send(settings: Settings, claim: Claim, now: float) -> bool:
+    """Whether an attempt may start its POST at ``now`` (monotonic): only while its guard will
+    outlast the whole exchange and the recording of its verdict. A sender frozen, or left
+    waiting, past that point would race another worker that claimed the event meanwhile."""
+    return now + settings.attempt_deadline_s + FENCE_MARGIN_S <= claim.guard_until
 
 
 def poisoned(settings: Settings, claim: Claim) -> Verdict | None:
@@ -163,12 +186,14 @@ def poisoned(settings: Settings, claim: Claim) -> Verdict | None:
     return dead(Reason.POISON, detail, attempt=attempt - 1)
 
 
-def defer(settings: Settings, wait_ms: int, *, why: str, rand: Random) -> Verdict:
+def defer(
+    settings: Settings, wait_ms: int, *, why: str, rand: Random, lined_up: bool = False
+) -> Verdict:
     """Come back after ``wait_ms``, with jitter so that deferred events do not wake together (a
-    rate-limited event's wait is already its own place in line: it needs little). The countdown
-    stays within what the visibility timeout was sized for."""
+    wait that is ``lined_up``, a rate-limited event's place in the app's line, needs little). The
+    countdown stays within what the visibility timeout was sized for; ``why`` is for the log."""
     wait_s = wait_ms / 1000
-    spread = 0.05 if why == ClaimState.LIMITED else min(1.0, wait_s / 5 + 0.1)
+    spread = 0.05 if lined_up else min(1.0, wait_s / 5 + 0.1)
     countdown = min(wait_s + rand() * spread, settings.retry.longest_wait_s)
     return Verdict(Action.DEFER, countdown_s=countdown, why=why)
 
@@ -199,7 +224,7 @@ def on_answer(settings: Settings, claim: Claim, outcome: Outcome, rand: Random) 
         why = "attempts" if attempt >= policy.max_attempts else "retry window"
         detail = f"{outcome.detail}; gave up after {attempt} attempts ({why} exhausted)"
     reason = _KIND_TO_REASON.get(outcome.kind, Reason.EXHAUSTED)
-    return dead(reason, detail, attempt=attempt, outcome=outcome, pause=pause)
+    return dead(reason, detail, attempt=attempt, outcome=outcome, pause_ms=pause)
 
 
 def pause_ms(settings: Settings, outcome: Outcome | None) -> int:

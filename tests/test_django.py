@@ -34,7 +34,7 @@ from projects import (
     task_args,
 )
 
-from metrix_s2s.tasks import QUEUE, TASK_NAME
+from metrix_s2s.tasks import BULK_TASK_NAME, QUEUE, TASK_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -179,3 +179,22 @@ def test_delay_on_commit_is_the_short_form_of_on_commit(
     assert len(queued(redis_client)) == 1
     start_project_worker()
     assert_delivered_once(fake_metrix, request["event"])
+
+
+def test_a_batch_delay_on_commit_validates_the_list_and_enqueues_one_batch_on_commit(
+    project: Project,
+    start_project_worker: Callable[[], Worker],
+    fake_metrix: FakeMetrix,
+    redis_client: redis.Redis,
+) -> None:
+    # Given a view that calls send_metrix_events.delay_on_commit(app, [two events])
+    request = purchase("buyer-batch", view="purchase/batch-on-commit")
+    # When it commits
+    (answer,) = serve(project, request)["responses"]
+    # Then it answers, one batch of the two is published, and a worker delivers both
+    assert answer["status"] == 200, answer["error"]
+    (message,) = queued(redis_client)
+    assert message["headers"]["task"] == BULK_TASK_NAME
+    start_project_worker()
+    assert fake_metrix.wait_for(2, timeout=15), fake_metrix.stats()
+    assert sorted(r.body["eventSlug"] for r in fake_metrix.accepted) == ["follow", "taqsq"]

@@ -264,6 +264,31 @@ def test_a_bad_app_entry_is_named_without_its_dev_key(value: dict[str, Any], mes
     assert SECRET not in error
 
 
+@pytest.mark.parametrize(
+    "key",
+    [f"{SECRET}\x01", f"{SECRET}\nX-Injected: 1", f"dk-{SECRET}-\u0645"],
+    ids=["control-character", "newline", "non-ascii"],
+)
+def test_a_dev_key_that_cannot_be_an_http_header_is_refused_naming_the_app(key: str) -> None:
+    error = config_error(apps_env({"A": key}))
+
+    assert error == (
+        "METRIX_APPS['A'] has a dev-key that cannot be sent as an HTTP header "
+        "(only visible ASCII characters, and spaces between them)"
+    )
+    assert SECRET not in error
+
+
+def test_the_deadline_of_an_attempt_bounds_the_guard_and_the_time_limits() -> None:
+    settings = Settings.from_env({"METRIX_CONNECT_TIMEOUT": "2", "METRIX_READ_TIMEOUT": "7"})
+
+    assert settings.attempt_deadline_s == 9
+    # the guard covers a rate-limit wait, the whole exchange and the recording of its verdict
+    assert settings.guard_ttl_s > settings.rate_max_wait_s + settings.attempt_deadline_s + 2
+    # where a pool applies time limits, the deadline fires first
+    assert settings.soft_time_limit_s > settings.rate_max_wait_s + settings.attempt_deadline_s
+
+
 def test_the_bad_app_is_named_among_good_ones() -> None:
     value = {"good": OTHER_SECRET, "bad": {"dev_key": SECRET, "extra": 1}}
 

@@ -195,7 +195,8 @@ def current_state(ctx: click.Context) -> State:
 
 
 def dead_letter_store(state: State) -> DeadLetterStore:
-    """The dead-letter store of the configured deliverer; a configuration error without one."""
+    """The dead-letter store for the loaded settings (the embedded Redis started when it is the
+    default); a configuration error without settings."""
     state.require()
     return get_dead_letters()
 

@@ -7,7 +7,7 @@ workers to run metrix-s2s's tasks.
 from ..names import BULK_TASK_NAME, QUEUE, RECONCILE_TASK, REDRIVE_TASK, TASK_NAME
 from .bulk import SendEventsTask, send_metrix_events
 from .maintenance import reconcile_pending, redrive_dead_letters
-from .send import SendEventTask, enqueue_event, send_metrix_event
+from .send import SendEventTask, send_metrix_event
 
 __all__ = [
     "BULK_TASK_NAME",
@@ -17,7 +17,6 @@ __all__ = [
     "TASK_NAME",
     "SendEventTask",
     "SendEventsTask",
-    "enqueue_event",
     "reconcile_pending",
     "redrive_dead_letters",
     "send_metrix_event",

@@ -24,9 +24,10 @@ from ..batch import deliver_many
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
 from ..names import BULK_TASK_NAME, EVENT_IDS_HEADER
+from ..producer import producer_app
 from ..schema import validate_app_id, validate_event
 from ..settings import get_settings, start_embedded_for
-from .send import PUBLISH_ERRORS, SendEventTask, _producer_app, mark_pending, masked, unpack
+from .send import PUBLISH_ERRORS, SendEventTask, mark_pending, masked, unpack
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
@@ -47,8 +48,34 @@ def _options(app_id: str, items: list[list[Any]], options: dict[str, Any]) -> di
     }
 
 
+def _validated(app_id: Any, events: Any) -> list[dict[str, Any]]:
+    """Every event normalised, or :class:`InvalidEvent` with the messages of each bad one by its
+    place in the list."""
+    validate_app_id(app_id)
+    if not isinstance(events, list | tuple) or not events:
+        raise InvalidEvent({"events": ["Must be a non-empty list of events."]})
+    normalized: list[dict[str, Any]] = []
+    errors: dict[str, Any] = {}
+    for index, event in enumerate(events):
+        try:
+            normalized.append(validate_event(event))
+        except InvalidEvent as exc:
+            errors[str(index)] = exc.messages
+    if errors:
+        raise InvalidEvent(errors)
+    return normalized
+
+
 class SendEventsTask(SendEventTask):
     """Validates every event before publishing any; splits large lists into batches."""
+
+    def delay_on_commit(self, app_id: Any, events: Any, *, using: str | None = None) -> None:
+        """Django: validate every event now (raising :class:`InvalidEvent` in the view), enqueue
+        the batch when the current database transaction commits, and never if it rolls back."""
+        normalized = _validated(app_id, events)
+        from django.db import transaction  # noqa: PLC0415 - Django is optional
+
+        transaction.on_commit(lambda: self.delay(app_id, normalized), using=using)
 
     def apply_async(
         self,
@@ -62,18 +89,7 @@ class SendEventsTask(SendEventTask):
         if options.get("retries"):  # a smaller batch going back after a retryable failure
             opts = _options(app_id, events, options)
             return super(SendEventTask, self).apply_async(args, kwargs, task_id, *more, **opts)
-        validate_app_id(app_id)
-        if not isinstance(events, list | tuple) or not events:
-            raise InvalidEvent({"events": ["Must be a non-empty list of events."]})
-        normalized: list[dict[str, Any]] = []
-        errors: dict[str, Any] = {}
-        for index, event in enumerate(events):
-            try:
-                normalized.append(validate_event(event))
-            except InvalidEvent as exc:
-                errors[str(index)] = exc.messages
-        if errors:
-            raise InvalidEvent(errors)
+        normalized = _validated(app_id, events)
         items: list[list[Any]] = [[str(uuid.uuid4()), event] for event in normalized]
         start_embedded_for(self.app.conf.broker_url)
         size = get_settings().bulk_max
@@ -120,7 +136,7 @@ def _send_metrix_events(self: SendEventsTask, app_id: Any, items: Any) -> dict[s
 
 
 def _resolve() -> SendEventsTask:
-    return cast(SendEventsTask, _producer_app().tasks[BULK_TASK_NAME])
+    return cast(SendEventsTask, producer_app().tasks[BULK_TASK_NAME])
 
 
 #: ``send_metrix_events.delay(app_id, [event, ...])``: bound, at each call, to the producer's app.

@@ -20,16 +20,16 @@ from typing import Any, cast
 
 import kombu.exceptions
 import redis
-from celery import Task, _state, shared_task
+from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.local import Proxy
 from celery.worker.request import Request
 
-from .. import workers
 from ..backoff import compute_backoff
 from ..delivery import Action, get_deliverer
 from ..errors import EnqueueError
 from ..names import TASK_NAME
+from ..producer import producer_app
 from ..schema import now_ms, validate_app_id, validate_event
 from ..settings import start_embedded_for
 from ..stores import get_ledger
@@ -176,34 +176,8 @@ def _send_metrix_event(self: SendEventTask, app_id: Any, event: Any) -> str:
     return result.action.value
 
 
-def _is_fallback(app: Any) -> bool:
-    """Celery's own fallback app, made up when nothing created one, and not configured by a
-    ``celeryconfig`` module (which its default loader reads)."""
-    if app is not _state.default_app or app.main != "default":
-        return False
-    if type(app.loader).__module__ != "celery.loaders.default":
-        return False
-    app.conf.changes  # noqa: B018 - loads the configuration, so that `configured` is known
-    return not app.loader.configured
-
-
-def _producer_app() -> Any:
-    """The app to publish through: the process's own configured Celery app (Django, Flask, a
-    worker) when there is one, otherwise metrix-s2s's app configured from the environment."""
-    app = _state._tls.current_app or _state.default_app
-    if app is None or _is_fallback(app):
-        return workers.app
-    return app
-
-
-def enqueue_event(event_id: str, app_id: str, event: Any) -> None:
-    """Publish ``event`` again under its own id, exactly as a producer does (validation, pending
-    record): a re-drive or a reconciler copy (:data:`metrix_s2s.names.Enqueue`)."""
-    send_metrix_event.apply_async((app_id, event), task_id=event_id)
-
-
 def _resolve() -> SendEventTask:
-    return cast(SendEventTask, _producer_app().tasks[TASK_NAME])
+    return cast(SendEventTask, producer_app().tasks[TASK_NAME])
 
 
 #: ``send_metrix_event.delay(app_id, event)``: bound, at each call, to the producer's Celery app.

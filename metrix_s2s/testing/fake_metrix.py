@@ -97,8 +97,11 @@ _KNOWN_FIELDS: Final = frozenset(
     }
 )
 _FAULT_KEYS: Final = frozenset(
-    {"status", "count", "app_id", "retry_after", "latency", "drop", "body"}
-)
+    {"status", "count", "app_id", "retry_after", "latency", "drop", "body", "trickle",
+     "body_bytes", "echo_key"}
+)  # fmt: skip
+#: Bytes of a huge answer written at once.
+_HUGE_CHUNK: Final = 64 * 1024
 _CONTROL_GET: Final = frozenset({"/_fake/requests", "/_fake/stats"})
 _CONTROL_POST: Final = frozenset({"/_fake/faults", "/_fake/reset"})
 
@@ -152,11 +155,19 @@ class _Fault:
     latency: float
     drop: bool
     body: str | None
+    trickle: float = 0.0
+    body_bytes: int = 0
+    echo_key: bool = False
 
     @property
     def delay_only(self) -> bool:
         """A 2xx fault without a body only delays the request, which is then handled normally."""
-        return not self.drop and 200 <= self.status < 300 and self.body is None
+        return (
+            not self.drop
+            and 200 <= self.status < 300
+            and self.body is None
+            and not (self.trickle or self.body_bytes or self.echo_key)
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -370,6 +381,9 @@ class FakeMetrix:
         latency: float = 0.0,
         drop: bool = False,
         body: str | None = None,
+        trickle: float = 0.0,
+        body_bytes: int = 0,
+        echo_key: bool = False,
     ) -> None:
         """Queue a fault for the next ``count`` matching requests (None: until cleared).
 
@@ -378,6 +392,11 @@ class FakeMetrix:
         ``app_id=None`` matches every app. Faults are used first in, first out, before the app,
         the dev-key and the body are checked. A 2xx status without a body only adds the latency;
         the request is then handled normally.
+
+        Hostile answers, for testing a client's bounds: ``trickle`` sends the status and headers
+        at once, then one byte of the body every ``trickle`` seconds; ``body_bytes`` answers with
+        a chunked body of that many bytes; ``echo_key`` puts the request's ``Authorization``
+        header into the body, as a careless server's error page would.
         """
         if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
             raise ValueError(f"status must be an int from 200 to 599, not {status!r}")
@@ -389,7 +408,14 @@ class FakeMetrix:
             raise ValueError(f"latency must be a finite number of seconds >= 0, not {latency!r}")
         if retry_after is not None and ("\r" in retry_after or "\n" in retry_after):
             raise ValueError("retry_after must be a single-line header value")
-        fault = _Fault(status, count, app_id, retry_after, float(latency), bool(drop), body)
+        if not _is_number(trickle) or not 0 <= trickle < float("inf"):
+            raise ValueError(f"trickle must be a finite number of seconds >= 0, not {trickle!r}")
+        if isinstance(body_bytes, bool) or not isinstance(body_bytes, int) or body_bytes < 0:
+            raise ValueError(f"body_bytes must be an int >= 0, not {body_bytes!r}")
+        fault = _Fault(
+            status, count, app_id, retry_after, float(latency), bool(drop), body,
+            float(trickle), body_bytes, bool(echo_key),
+        )  # fmt: skip
         with self._lock:
             self._faults.append(fault)
 
@@ -644,7 +670,11 @@ class _Handler(BaseHTTPRequestHandler):
         extra: _Headers = []
         if fault is not None and not fault.delay_only:
             status = fault.status
-            if fault.body is not None:
+            if fault.echo_key:
+                key = self.headers.get("Authorization") or ""
+                payload = _json_bytes({"error": f"bad request; Authorization was {key}"})
+                content_type = "application/json"
+            elif fault.body is not None:
                 payload = fault.body.encode()
                 content_type = (
                     "application/json" if _parse_json(payload)[0] else "text/plain; charset=utf-8"
@@ -660,7 +690,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._pause(latency)
         # Recorded before answering, so a client that has its answer also sees the record.
         fake._record(Received(app_id, body, headers, status, at, client))
-        self._send(status, payload, content_type, extra)
+        if fault is not None and fault.trickle:
+            self._send_trickle(status, payload, content_type, fault.trickle)
+        elif fault is not None and fault.body_bytes:
+            self._send_huge(status, fault.body_bytes)
+        else:
+            self._send(status, payload, content_type, extra)
 
     def _check(
         self, app: _App | None, app_id: str, client: str, is_json: bool, body: Any
@@ -770,6 +805,44 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def _send_trickle(self, status: int, payload: bytes, content_type: str, every: float) -> None:
+        """The status and headers at once, then the body one byte every ``every`` seconds."""
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.flush()
+            for i in range(len(payload)):
+                if self._server.stopping.wait(every):
+                    return
+                self.wfile.write(payload[i : i + 1])
+                self.wfile.flush()
+        except OSError:
+            return
+
+    def _send_huge(self, status: int, size: int) -> None:
+        """A chunked body of ``size`` bytes, written as fast as the client reads it."""
+        self.close_connection = True
+        chunk = b"x" * _HUGE_CHUNK
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            left = size
+            while left > 0 and not self._server.stopping.is_set():
+                part = chunk[: min(left, _HUGE_CHUNK)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                left -= len(part)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            return
+
 
 def _inject_from_json(fake: FakeMetrix, spec: Any) -> None:
     """Call :meth:`FakeMetrix.inject` with a JSON object of its keyword arguments."""
@@ -785,6 +858,11 @@ def _inject_from_json(fake: FakeMetrix, spec: Any) -> None:
     latency = spec.get("latency", 0.0)
     drop = spec.get("drop", False)
     body = spec.get("body")
+    trickle = spec.get("trickle", 0.0)
+    body_bytes = spec.get("body_bytes", 0)
+    echo_key = spec.get("echo_key", False)
+    if not isinstance(echo_key, bool):
+        raise ValueError("echo_key must be true or false")
     if isinstance(retry_after, int) and not isinstance(retry_after, bool):
         retry_after = str(retry_after)
     for name, value in (("app_id", app_id), ("retry_after", retry_after), ("body", body)):
@@ -802,6 +880,9 @@ def _inject_from_json(fake: FakeMetrix, spec: Any) -> None:
         latency=latency,
         drop=drop,
         body=body,
+        trickle=trickle,
+        body_bytes=body_bytes,
+        echo_key=echo_key,
     )
 
 

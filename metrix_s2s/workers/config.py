@@ -14,6 +14,7 @@ from kombu.entity import Queue
 from .. import settings as settings_module
 from ..names import BULK_TASK_NAME, QUEUE, RECONCILE_TASK, REDRIVE_TASK, TASK_NAME
 from ..settings import Settings, get_settings
+from . import signals
 
 MAINTENANCE_TASKS = (REDRIVE_TASK, RECONCILE_TASK)
 
@@ -142,6 +143,7 @@ def configure_app(app: Any, settings: Settings | None = None) -> Any:
     include = tuple(conf.include or ())
     if "metrix_s2s.tasks" not in include:
         conf.include = (*include, "metrix_s2s.tasks")
+    signals.connect()
     return app
 
 

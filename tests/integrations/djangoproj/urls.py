@@ -6,4 +6,5 @@ urlpatterns = [
     path("purchase", views.purchase),
     path("purchase/rolled-back", views.purchase_rolled_back),
     path("purchase/delay-on-commit", views.purchase_delay_on_commit),
+    path("purchase/batch-on-commit", views.purchase_batch_on_commit),
 ]

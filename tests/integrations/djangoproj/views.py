@@ -12,7 +12,7 @@ from django.db import transaction
 from django.http import HttpRequest, JsonResponse
 from shop.models import Order
 
-from metrix_s2s import send_metrix_event
+from metrix_s2s import send_metrix_event, send_metrix_events
 
 
 class PaymentDeclined(Exception):
@@ -55,4 +55,14 @@ def purchase_delay_on_commit(request: HttpRequest) -> JsonResponse:
         order = Order.objects.create(user_id=event["metrixUserId"])
         # validates now, enqueues on commit: the short form of transaction.on_commit(...)
         send_metrix_event.delay_on_commit(settings.METRIX_APP_ID, event)
+    return _answer(order)
+
+
+def purchase_batch_on_commit(request: HttpRequest) -> JsonResponse:
+    event = json.loads(request.body)
+    with transaction.atomic():
+        order = Order.objects.create(user_id=event["metrixUserId"])
+        # the purchase and a follow-up event, validated now, enqueued as one batch on commit
+        follow_up = {**event, "eventSlug": "follow"}
+        send_metrix_events.delay_on_commit(settings.METRIX_APP_ID, [event, follow_up])
     return _answer(order)

@@ -1,0 +1,160 @@
+"""The client's bounds against servers that misbehave on purpose: every exchange ends at its
+deadline whatever the server sends (or does not), a huge answer costs no memory, and nothing the
+server echoes brings the dev-key back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import APP_ID, DEV_KEY, ROOT, make_event
+from fake_metrix import FakeMetrix
+
+from metrix_s2s.client import MetrixClient
+from metrix_s2s.outcome import Kind
+from metrix_s2s.settings import key_fingerprint
+
+#: connect 0.5 s + read 1 s: every exchange ends within 1.5 s (and a little)
+CONNECT_S, READ_S = 0.5, 1.0
+DEADLINE_S = CONNECT_S + READ_S
+SLACK_S = 0.5
+
+
+@pytest.fixture
+def client(fake_metrix: FakeMetrix) -> Iterator[MetrixClient]:
+    fake_metrix.reset()
+    client = MetrixClient(
+        fake_metrix.url, connect_timeout_s=CONNECT_S, read_timeout_s=READ_S, pool_size=4
+    )
+    yield client
+    client.close()
+
+
+@contextlib.contextmanager
+def trickling_server(every_s: float) -> Iterator[str]:
+    """A TCP server that answers every connection with a status line, one byte every
+    ``every_s`` seconds, for as long as the client listens."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                if stop.wait(every_s):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def timed(client: MetrixClient) -> tuple[float, object]:
+    started = time.monotonic()
+    outcome = client.send(APP_ID, DEV_KEY, make_event())
+    return time.monotonic() - started, outcome
+
+
+def test_a_status_line_trickled_byte_by_byte_is_cut_at_the_deadline() -> None:
+    # Given a server that sends its status line one byte every 0.3 s (each read is in time)
+    with trickling_server(0.3) as url:
+        client = MetrixClient(url, connect_timeout_s=CONNECT_S, read_timeout_s=READ_S)
+        # When an event is sent
+        elapsed, outcome = timed(client)
+        client.close()
+    # Then the exchange ends at the deadline, as a retryable timeout
+    assert DEADLINE_S - 0.1 <= elapsed <= DEADLINE_S + SLACK_S
+    assert outcome.kind is Kind.RETRYABLE  # type: ignore[attr-defined]
+    assert "deadline" in outcome.detail  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("status", "kind"), [(503, Kind.RETRYABLE), (200, Kind.DELIVERED)])
+def test_a_body_trickled_after_the_status_is_cut_and_the_status_counts(
+    client: MetrixClient, fake_metrix: FakeMetrix, status: int, kind: Kind
+) -> None:
+    # Given Metrix answers at once, then sends its body one byte every 0.4 s
+    fake_metrix.inject(status, trickle=0.4, body='{"status": "a long answer"}')
+    # When an event is sent
+    elapsed, outcome = timed(client)
+    # Then the exchange ends at the deadline, and the status that did arrive decides
+    assert DEADLINE_S - 0.1 <= elapsed <= DEADLINE_S + SLACK_S
+    assert outcome.kind is kind  # type: ignore[attr-defined]
+    assert outcome.status == status  # type: ignore[attr-defined]
+    # And the next event is sent on a fresh connection, at once
+    elapsed, outcome = timed(client)
+    assert outcome.kind is Kind.DELIVERED  # type: ignore[attr-defined]
+    assert elapsed < 1.0
+
+
+def test_a_huge_answer_is_read_only_as_far_as_the_excerpt(fake_metrix: FakeMetrix) -> None:
+    # Given Metrix answers 500 with a 400 MB body
+    fake_metrix.reset()
+    fake_metrix.inject(500, body_bytes=400 * 1024 * 1024)
+    # When a fresh process sends an event and reports its peak memory
+    script = f"""
+import json, resource, sys, time
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from metrix_s2s.client import MetrixClient
+from conftest import make_event
+client = MetrixClient({fake_metrix.url!r}, connect_timeout_s=1, read_timeout_s=5)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.monotonic()
+outcome = client.send({APP_ID!r}, {DEV_KEY!r}, make_event())
+print(json.dumps({{"kind": outcome.kind.value, "status": outcome.status,
+    "excerpt": len(outcome.excerpt), "seconds": time.monotonic() - started,
+    "grew_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    report = json.loads(done.stdout)
+    print(f"\nhuge answer: {report}")
+    # Then it got the status and an excerpt, quickly, and its memory hardly grew
+    assert (report["kind"], report["status"]) == ("retryable", 500)
+    assert 0 < report["excerpt"] <= 300
+    assert report["seconds"] < 2
+    assert report["grew_kib"] < 20 * 1024
+
+
+@pytest.mark.parametrize("status", [401, 500])
+def test_a_dev_key_echoed_by_metrix_is_replaced_by_its_fingerprint(
+    client: MetrixClient, fake_metrix: FakeMetrix, status: int
+) -> None:
+    fake_metrix.inject(status, echo_key=True)
+    outcome = client.send(APP_ID, DEV_KEY, make_event())
+    assert outcome.status == status
+    assert DEV_KEY not in outcome.excerpt
+    assert key_fingerprint(DEV_KEY) in outcome.excerpt
+
+
+def test_a_dev_key_that_is_no_header_value_stays_out_of_the_error(client: MetrixClient) -> None:
+    key = "dk-SECRET\nX-Injected: 1"
+    outcome = client.send(APP_ID, key, make_event())
+    assert outcome.kind is Kind.CONFIG
+    assert "SECRET" not in outcome.detail
+    assert key_fingerprint(key) in outcome.detail
