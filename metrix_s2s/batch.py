@@ -34,6 +34,7 @@ import redis
 from . import verdicts
 from .delivery import Decided, Deliverer
 from .ledger import Claim, ClaimState
+from .logs import one_line
 from .outcome import Outcome
 from .settings import AppConfig
 from .verdicts import Rejected, Verdict
@@ -62,6 +63,9 @@ def deliver_many(
     app: AppConfig | None = None
     try:
         for index, (event_id, event) in enumerate(items):
+            if event_id in deliverer.unrecorded:  # delivered before; only its record is missing
+                results[index] = deliverer.deliver(app_id, event, event_id)
+                continue
             checked = deliverer.check(app_id, event)
             if isinstance(checked, Rejected):
                 decided = Decided(event_id, checked.event, checked.verdict)
@@ -282,7 +286,9 @@ class _Batch:
                 continue
             if isinstance(outcome, BaseException):
                 logger.error(
-                    "event %s: unexpected error while delivering", entry.event_id, exc_info=outcome
+                    "event %s: unexpected error while delivering",
+                    one_line(entry.event_id),
+                    exc_info=outcome,
                 )
                 verdict = verdicts.internal_error(outcome)
                 decided = Decided(entry.event_id, entry.event, verdict, sent.token)

@@ -20,9 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from . import verdicts
 from .client import DEFAULT_POOL_SIZE, MetrixClient
-from .ledger import Claim, Finish, Limits
+from .ledger import Claim, Finish, FinishMode, Limits
 from .logs import log_outcome
 from .outcome import Outcome
 from .ratelimit import RateLimit
@@ -31,9 +33,37 @@ from .settings import AppConfig, Settings, get_settings
 from .stores import get_dead_letters, get_ledger
 from .verdicts import Action, Rejected, Valid, Verdict
 
-__all__ = ["Action", "Decided", "Deliverer", "Verdict", "get_deliverer", "set_pool_size"]
+__all__ = [
+    "Action",
+    "Decided",
+    "Deliverer",
+    "NotRecorded",
+    "Verdict",
+    "get_deliverer",
+    "set_pool_size",
+]
 
 logger = logging.getLogger("metrix_s2s.delivery")
+
+#: Seconds a worker keeps trying to record a delivery whose POST Metrix accepted, while Redis is
+#: unreachable, before it hands the message back with the delivery carried along.
+RECORD_PATIENCE_S = 8.0
+#: The longest pause between two of those tries, in seconds.
+RECORD_RETRY_MAX_S = 2.0
+
+#: A delivery Metrix accepted but the ledger has not recorded yet: ``(value, token)``, the
+#: ledger's "<status>:<ms>" and the attempt's guard token.
+Carried = tuple[str, str]
+
+
+class NotRecorded(redis.RedisError):
+    """Redis could not take the verdicts of attempts whose POST Metrix accepted. ``delivered``
+    maps each such event id to what the ledger must record; the next attempt records it instead
+    of sending the event again."""
+
+    def __init__(self, cause: BaseException, delivered: dict[str, Carried]) -> None:
+        super().__init__(f"{len(delivered)} deliveries not recorded: {cause}")
+        self.delivered = delivered
 
 
 @dataclass(frozen=True)
@@ -71,12 +101,22 @@ class Deliverer:
         )
         self.rand = rand
         self._limits: dict[str, Limits] = {}
+        #: Deliveries this process made but could not record yet (event id -> what to record):
+        #: the first thing the next attempt at such an event does is record it.
+        self.unrecorded: dict[str, Carried] = {}
 
     # -- one event -------------------------------------------------------------------------
 
-    def deliver(self, app_id: Any, event: Any, event_id: str) -> Verdict:
+    def deliver(
+        self, app_id: Any, event: Any, event_id: str, *, carried: Carried | None = None
+    ) -> Verdict:
         """Make one attempt at delivering ``event`` for ``app_id``; never raises for a bad event
-        or a bad answer (only for Redis being unreachable)."""
+        or a bad answer (only for Redis being unreachable: :class:`NotRecorded` when a POST that
+        Metrix accepted could not be recorded). A delivery ``carried`` in the message, or left
+        unrecorded by this process, is recorded without sending the event again."""
+        known = carried or self.unrecorded.get(event_id)
+        if known is not None:
+            return self._record_late(str(app_id), event_id, known)
         checked = self.check(app_id, event)
         if isinstance(checked, Rejected):
             return self.record_one(str(app_id), Decided(event_id, checked.event, checked.verdict))
@@ -171,10 +211,49 @@ class Deliverer:
             finishes.append(Finish(d.event_id, d.token, mode, value))
         pause_ms = max((d.verdict.pause_ms for d in decisions), default=0)
         if finishes:
-            self.ledger.finish_many(app_id, finishes, pause_ms)
+            delivered = {
+                f.event_id: (f.value, f.token) for f in finishes if f.mode is FinishMode.DELIVERED
+            }
+            self._finish_patiently(app_id, finishes, pause_ms, delivered)
         for d in decisions:
             self.log(app_id, d.event_id, d.verdict, d.latency_ms)
         return [d.verdict for d in decisions]
+
+    def _finish_patiently(
+        self, app_id: str, finishes: list[Finish], pause_ms: int, delivered: dict[str, Carried]
+    ) -> None:
+        """Record the attempts' ends; for deliveries Metrix accepted, keep trying for a while when
+        Redis fails, then raise :class:`NotRecorded` (and remember them in :attr:`unrecorded`),
+        so that the POST is not repeated because the ledger missed it."""
+        give_up_at = time.monotonic() + (RECORD_PATIENCE_S if delivered else 0)
+        wait = 0.25
+        while True:
+            try:
+                self.ledger.finish_many(app_id, finishes, pause_ms)
+            except redis.RedisError as exc:
+                if time.monotonic() + wait > give_up_at:
+                    if not delivered:
+                        raise
+                    self.unrecorded.update(delivered)
+                    raise NotRecorded(exc, delivered) from exc
+                logger.warning(
+                    "recording %d deliveries failed (%s); trying again", len(delivered), exc
+                )
+                time.sleep(wait)
+                wait = min(wait * 2, RECORD_RETRY_MAX_S)
+            else:
+                for event_id in delivered:
+                    self.unrecorded.pop(event_id, None)
+                return
+
+    def _record_late(self, app_id: str, event_id: str, carried: Carried) -> Verdict:
+        """Record a delivery made by an earlier attempt whose record failed; nothing is sent."""
+        value, token = carried
+        finish = Finish(event_id, token, FinishMode.DELIVERED, value)
+        self._finish_patiently(app_id, [finish], 0, {event_id: carried})
+        verdict = Verdict(Action.DELIVERED)
+        self.log(app_id, event_id, verdict)
+        return verdict
 
     def log(self, app_id: Any, event_id: str, verdict: Verdict, latency_ms: float = 0.0) -> None:
         """The one log line of an attempt's verdict."""
@@ -186,6 +265,17 @@ class Deliverer:
         elif verdict.action is Action.DEAD_LETTERED:
             label, level = f"dead_lettered:{verdict.reason}", logging.ERROR
         log_outcome(level, label, app_id, event_id, verdict.attempt, verdict.outcome, latency_ms)
+
+    def dead_letter_malformed(
+        self, event_id: str, args: Any, kwargs: Any, problem: BaseException
+    ) -> Verdict:
+        """Park a message whose arguments are not what the task takes (published from elsewhere),
+        as ``invalid``, with what could be read of it, instead of dropping it."""
+        app_id = args[0] if args and isinstance(args[0], str) else "-"
+        detail = f"the message's arguments could not be read: {problem}"[:500]
+        verdict = verdicts.dead(verdicts.Reason.INVALID, detail)
+        payload = {"args": args, "kwargs": kwargs}
+        return self.record_one(app_id, Decided(event_id, payload, verdict))
 
     def dead_letter_error(
         self, app_id: Any, event: Any, event_id: str, exc: BaseException

@@ -7,7 +7,7 @@ message); an operator meets :class:`ConfigurationError` (the environment is wron
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -36,7 +36,26 @@ class ConfigurationError(MetrixS2SError):
 
 
 class EnqueueError(MetrixS2SError):
-    """The broker could not accept the event (it is down or unreachable)."""
+    """The broker did not confirm that it took the event (it is down, unreachable or frozen).
+
+    ``event_ids`` are the events concerned. ``maybe_published`` is ``True`` when the broker may
+    have taken the message all the same (the connection was made but the answer did not come in
+    time): enqueueing the same event again under its id,
+    ``send_metrix_event.apply_async((app_id, event), task_id=exc.event_id)``, is then safe, since
+    the delivery ledger delivers an event id once. ``False`` means it was never sent.
+    """
+
+    def __init__(
+        self, message: str, *, event_ids: Sequence[str] = (), maybe_published: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.event_ids = list(event_ids)
+        self.maybe_published = maybe_published
+
+    @property
+    def event_id(self) -> str | None:
+        """The event's id, for a single event."""
+        return self.event_ids[0] if self.event_ids else None
 
 
 def format_messages(messages: Mapping[str, Any], prefix: str = "") -> str:

@@ -26,10 +26,12 @@ key                          type    owner    what it holds
 ``P:dlq:reasons``            set     dlq      reasons that have (or had) dead letters
 ``P:redriven``               hash    dlq      event id -> times re-driven; kept until delivered
 ``P:lock:{name}``            string  locks    a periodic run's lock (``redrive``, ``reconcile``)
+``P:probe``                  string  workers  a starting worker's write check (TTL 1 s)
 ===========================  ======  =======  =====================================================
 
 The owners: the delivery ledger (:mod:`metrix_s2s.ledger`), the dead-letter store (``dlq``,
-:mod:`metrix_s2s.deadletter`) and the periodic runs' locks (:mod:`metrix_s2s.locks`).
+:mod:`metrix_s2s.deadletter`), the periodic runs' locks (:mod:`metrix_s2s.locks`) and a starting
+worker (:mod:`metrix_s2s.workers.signals`).
 Two scripts cross an owner's line on purpose, to stay atomic: a re-drive's take moves a dead
 letter to the pending records, and a delivery's finish forgets the event's re-drive count.
 
@@ -143,3 +145,8 @@ class Keyspace:
 
     def lock(self, name: str) -> str:
         return self._key("lock", name)
+
+    @property
+    def probe(self) -> str:
+        """A key a starting worker writes to learn whether Redis takes writes."""
+        return self._key("probe")

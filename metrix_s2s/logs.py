@@ -45,11 +45,20 @@ def log_outcome(
     if outcome and outcome.detail:
         fields["detail"] = outcome.detail
     text = " ".join(
-        f"{k}={v!r}" if k == "detail" else f"{k}={'-' if v is None else v}"
+        f"{k}={v!r}" if k == "detail" else f"{k}={'-' if v is None else one_line(v)}"
         for k, v in fields.items()
         if k != "outcome"
     )
     logger.log(level, "%s %s", what, text, extra={FIELDS: fields})
+
+
+def one_line(value: Any) -> str:
+    """``value`` as text that cannot start a new log line or hide behind control characters (an
+    id may come from a message published elsewhere)."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 class JsonFormatter(logging.Formatter):

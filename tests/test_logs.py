@@ -78,3 +78,11 @@ def test_a_worker_logs_each_outcome_as_json(
     assert ok["latency_ms"] >= 0
     assert (parked["event_id"], parked["app_id"]) == (dead, "unknown-app")
     assert DEV_KEY not in worker.log()
+
+
+def test_an_id_with_a_newline_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="metrix_s2s.delivery"):
+        log_outcome(logging.INFO, "delivered", "app", "e1\ndelivered app_id=forged", 1, None, 1.0)
+    (record,) = caplog.records
+    assert "\n" not in record.getMessage()
+    assert "e1\\ndelivered" in record.getMessage()

@@ -27,7 +27,16 @@ from ..names import BULK_TASK_NAME, EVENT_IDS_HEADER
 from ..producer import producer_app
 from ..schema import validate_app_id, validate_event
 from ..settings import get_settings, start_embedded_for
-from .send import PUBLISH_ERRORS, SendEventTask, mark_pending, masked, unpack
+from .send import (
+    PUBLISH_ERRORS,
+    SendEventTask,
+    is_republish,
+    mark_pending,
+    masked,
+    maybe_published,
+    retry_or_requeue,
+    unpack,
+)
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
@@ -86,7 +95,7 @@ class SendEventsTask(SendEventTask):
         **options: Any,
     ) -> Any:
         app_id, events = _unpack(args, kwargs)
-        if options.get("retries"):  # a smaller batch going back after a retryable failure
+        if is_republish(options):  # a smaller batch going back after a retryable failure
             opts = _options(app_id, events, options)
             return super(SendEventTask, self).apply_async(args, kwargs, task_id, *more, **opts)
         normalized = _validated(app_id, events)
@@ -106,7 +115,9 @@ class SendEventsTask(SendEventTask):
             except PUBLISH_ERRORS as exc:
                 raise EnqueueError(
                     f"could not enqueue events {start}-{len(items) - 1} for app {app_id!r} "
-                    f"({start} were queued): the broker is unreachable ({exc})"
+                    f"({start} were queued): the broker is unreachable ({exc})",
+                    event_ids=[event_id for event_id, _ in items[start:]],
+                    maybe_published=maybe_published(exc),
                 ) from exc
             mark_pending({str(event_id): (app_id, event) for event_id, event in batch})
         result = results[0]
@@ -131,7 +142,7 @@ def _send_metrix_events(self: SendEventsTask, app_id: Any, items: Any) -> dict[s
     if again:
         waits = [r.countdown_s for _, _, r in outcomes if r is not None and r.countdown_s]
         countdown = max(waits) if waits else 1.0
-        raise self.retry(args=(app_id, again), countdown=countdown)
+        raise retry_or_requeue(self, countdown, args=(app_id, again))
     return dict(counts)
 
 

@@ -14,6 +14,7 @@ normal return, so the message is acknowledged only once the event is safely in t
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, cast
@@ -21,13 +22,14 @@ from typing import Any, cast
 import kombu.exceptions
 import redis
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.local import Proxy
 from celery.worker.request import Request
 
 from ..backoff import compute_backoff
-from ..delivery import Action, get_deliverer
+from ..delivery import Action, NotRecorded, get_deliverer
 from ..errors import EnqueueError
+from ..logs import one_line
 from ..names import TASK_NAME
 from ..producer import producer_app
 from ..schema import now_ms, validate_app_id, validate_event
@@ -39,8 +41,35 @@ logger = logging.getLogger("metrix_s2s.tasks")
 #: Backoff while Redis (the ledger and dead-letter store) is unreachable, in seconds.
 INFRA_BACKOFF_BASE_S = 2.0
 INFRA_BACKOFF_MAX_S = 60.0
+#: Seconds a worker waits, at most, before it hands a message back to the broker because the
+#: broker would not take its retry (so that a requeued message does not spin).
+REQUEUE_WAIT_S = 5.0
+#: The header with which metrix-s2s marks its own re-publish of an attempt (a retry): only that
+#: skips validation, since the event was validated when first enqueued.
+REPUBLISH_HEADER = "metrix_republish"
+#: The keyword argument of a re-published attempt that carries a delivery Metrix accepted but the
+#: ledger could not record: ``[value, token]``.
+CARRIED_KWARG = "delivered"
 
-PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.ConnectionError, OSError)
+PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.RedisError, OSError)
+
+
+def maybe_published(exc: BaseException) -> bool:
+    """Whether a failed publish may have reached the broker all the same: a connection was made
+    and the answer did not come in time (a frozen or overloaded broker), rather than no
+    connection at all."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError | redis.ConnectionError) and not isinstance(
+            seen, redis.TimeoutError
+        ):
+            return False
+        if isinstance(seen, TimeoutError | redis.TimeoutError):
+            return True
+        if isinstance(seen, redis.ResponseError):  # refused by the server (a full Redis, say)
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
 
 
 def unpack(
@@ -98,9 +127,10 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         *more: Any,
         **options: Any,
     ) -> Any:
-        if options.get("retries"):
-            # A re-publish by self.retry(): the event was validated when first enqueued.
-            options.update(_display(*_unpack(args, kwargs)))
+        if is_republish(options):
+            # A re-publish by our own retry: the event was validated when first enqueued.
+            shown = {k: v for k, v in (kwargs or {}).items() if k != CARRIED_KWARG}
+            options.update(_display(*_unpack(args, shown)))
             return super().apply_async(args, kwargs, task_id, *more, **options)
         app_id, event = _unpack(args, kwargs)
         validate_app_id(app_id)
@@ -111,9 +141,17 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         try:
             result = super().apply_async((app_id, normalized), None, event_id, *more, **options)
         except PUBLISH_ERRORS as exc:
+            maybe = maybe_published(exc)
             raise EnqueueError(
                 f"could not enqueue event {event_id} for app {app_id!r}: the broker is "
                 f"unreachable ({type(exc).__name__}: {exc})"
+                + (
+                    "; it may have taken the message: enqueue again with this event id"
+                    if maybe
+                    else ""
+                ),
+                event_ids=[event_id],
+                maybe_published=maybe,
             ) from exc
         mark_pending({event_id: (app_id, normalized)})
         return result
@@ -151,28 +189,91 @@ def mark_pending(entries: Mapping[str, tuple[str, Any]]) -> None:
         logger.warning("events %s: queued, but not recorded as pending (%s)", ids, exc)
 
 
-@shared_task(bind=True, base=SendEventTask, name=TASK_NAME)
-def _send_metrix_event(self: SendEventTask, app_id: Any, event: Any) -> str:
+def is_republish(options: Mapping[str, Any]) -> bool:
+    """Whether ``apply_async``'s options are metrix-s2s's own retry of an attempt."""
+    headers = options.get("headers") or {}
+    return bool(options.get("retries")) and bool(headers.get(REPUBLISH_HEADER))
+
+
+def retry_or_requeue(task: Task, countdown: float, **options: Any) -> BaseException:
+    """What to raise to try the message again after ``countdown``: Celery's retry, or, when the
+    broker would not take the retry, the message handed back to the broker (requeued, or left
+    unacknowledged for the visibility timeout to restore). Celery itself would drop it
+    (``Reject(requeue=False)``); an infrastructure error never drops a message."""
+    headers = {**(task.request.headers or {}), REPUBLISH_HEADER: "1"}
+    try:
+        return cast(
+            BaseException,
+            task.retry(countdown=countdown, throw=False, headers=headers, **options),
+        )
+    except Reject as exc:
+        logger.warning(
+            "event %s: the broker did not take its retry (%s); handing the message back",
+            one_line(task.request.id),
+            exc.reason,
+        )
+        time.sleep(min(countdown, REQUEUE_WAIT_S))
+        return cast(BaseException, Reject(exc.reason, requeue=True))
+
+
+def _infra_countdown(task: Task) -> float:
+    """The wait before trying again while Redis is unreachable (the event's own budget is not
+    spent)."""
+    return compute_backoff(
+        task.request.retries + 1, base_s=INFRA_BACKOFF_BASE_S, max_s=INFRA_BACKOFF_MAX_S
+    )
+
+
+def _carried(value: Any) -> tuple[str, str] | None:
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, str) for v in value)
+    ):
+        return value[0], value[1]
+    return None
+
+
+@shared_task(bind=True, base=SendEventTask, name=TASK_NAME, typing=False)
+def _send_metrix_event(self: SendEventTask, *args: Any, **kwargs: Any) -> str:
     event_id: str = self.request.id
     deliverer = get_deliverer()
     try:
-        result = deliverer.deliver(app_id, event, event_id)
+        delivered = kwargs.pop(CARRIED_KWARG, None)
+        try:
+            app_id, event = _unpack(args, kwargs)
+        except TypeError as exc:  # not a message our producer made: park it, never drop it
+            deliverer.dead_letter_malformed(event_id, list(args), kwargs, exc)
+            return Action.DEAD_LETTERED.value
+        try:
+            result = deliverer.deliver(app_id, event, event_id, carried=_carried(delivered))
+        except Exception as exc:
+            if isinstance(exc, redis.RedisError | SoftTimeLimitExceeded):
+                raise
+            logger.exception("event %s: unexpected error while delivering", one_line(event_id))
+            deliverer.dead_letter_error(app_id, event, event_id, exc)
+            return Action.DEAD_LETTERED.value
+    except NotRecorded as exc:
+        # Metrix accepted it; only the record is missing: the next attempt records, never sends.
+        countdown = _infra_countdown(self)
+        carried = exc.delivered.get(event_id)
+        logger.warning("event %s: delivered, not yet recorded; recording again in %.1fs",
+                       one_line(event_id), countdown)  # fmt: skip
+        carry = {CARRIED_KWARG: list(carried)} if carried else None
+        raise retry_or_requeue(self, countdown, kwargs=carry) from None
     except (redis.RedisError, SoftTimeLimitExceeded) as exc:
         # Redis (ledger, dead letters) is unreachable or an attempt overran: nothing was decided,
         # so try again later without touching the event's own retry budget.
-        countdown = compute_backoff(
-            self.request.retries + 1, base_s=INFRA_BACKOFF_BASE_S, max_s=INFRA_BACKOFF_MAX_S
-        )
+        countdown = _infra_countdown(self)
         logger.warning(
-            "event %s: %s; trying again in %.1fs", event_id, type(exc).__name__, countdown
+            "event %s: %s; trying again in %.1fs",
+            one_line(event_id),
+            type(exc).__name__,
+            countdown,
         )
-        raise self.retry(countdown=countdown) from None
-    except Exception as exc:
-        logger.exception("event %s: unexpected error while delivering", event_id)
-        deliverer.dead_letter_error(app_id, event, event_id, exc)
-        return Action.DEAD_LETTERED.value
+        raise retry_or_requeue(self, countdown) from None
     if result.action in (Action.RETRY, Action.DEFER):
-        raise self.retry(countdown=result.countdown_s)
+        raise retry_or_requeue(self, result.countdown_s)
     return result.action.value
 
 

@@ -23,6 +23,9 @@ MAINTENANCE_TASKS = (REDRIVE_TASK, RECONCILE_TASK)
 BROKER_MAX_CONNECTIONS = 200
 #: Seconds a producer waits for the broker before ``.delay()`` fails.
 BROKER_CONNECT_TIMEOUT_S = 3.0
+#: Seconds to wait for the broker's answer to one command; with the publish retries below, a
+#: ``.delay()`` against a frozen broker fails within about 8 s.
+BROKER_SOCKET_TIMEOUT_S = 2.0
 
 
 def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
@@ -43,7 +46,7 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
     s = settings or get_settings()
     transport: dict[str, Any] = {
         "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
-        "socket_timeout": 10.0,
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
     }
     if s.broker_is_redis:
         transport |= {
@@ -59,8 +62,8 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
         "broker_connection_timeout": BROKER_CONNECT_TIMEOUT_S,
         "broker_connection_retry_on_startup": True,
         "task_publish_retry_policy": {
-            "max_retries": 2,
-            "interval_start": 0,
+            "max_retries": 1,
+            "interval_start": 0.5,
             "interval_step": 0.5,
             "interval_max": 1,
         },

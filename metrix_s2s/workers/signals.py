@@ -7,13 +7,25 @@ hooks nothing into Celery.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
+import redis
 from celery.signals import beat_init, worker_init
 
 from ..delivery import set_pool_size
+from ..keyspace import Keyspace
 from ..logs import use_json_logs
-from ..settings import get_settings, start_embedded_for
+from ..redis_client import get_redis
+from ..settings import get_settings, is_redis_url, start_embedded_for
+
+logger = logging.getLogger("metrix_s2s.workers")
+
+#: Seconds between two checks of a full Redis while a worker waits to start.
+FULL_REDIS_RETRY_S = 2.0
+#: Seconds between two warnings that a worker is waiting for a full Redis.
+FULL_REDIS_WARN_S = 30.0
 
 
 def connect() -> None:
@@ -30,9 +42,36 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None:
         start_embedded_for(app.conf.broker_url)
+        wait_while_full(app.conf.broker_url)
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int):
         set_pool_size(concurrency)
+
+
+def wait_while_full(broker_url: str) -> None:
+    """Before a worker consumes: while the Redis broker or metrix-s2s's Redis refuses writes
+    (``maxmemory`` reached under ``noeviction``), wait and say so, instead of letting Celery stop
+    the worker with an unrecoverable error. Any other trouble is left to Celery's own retries."""
+    settings = get_settings()
+    urls = {settings.redis_url} | ({broker_url} if is_redis_url(broker_url) else set())
+    probe = Keyspace(settings.key_prefix).probe
+    warned_at = 0.0
+    for url in sorted(urls):
+        client = get_redis(url)
+        while True:
+            try:
+                client.set(probe, "1", px=1000)
+                break
+            except redis.OutOfMemoryError:
+                if time.monotonic() - warned_at >= FULL_REDIS_WARN_S:
+                    logger.warning(
+                        "Redis is full (maxmemory, noeviction) and refuses writes; waiting for "
+                        "memory before consuming (free some, or raise maxmemory)"
+                    )
+                    warned_at = time.monotonic()
+                time.sleep(FULL_REDIS_RETRY_S)
+            except redis.RedisError:
+                break  # unreachable: Celery's own connection retries take over
 
 
 def _on_beat_init(sender: Any = None, **_: Any) -> None:
