@@ -43,6 +43,9 @@ MAX_FUTURE_SKEW_MS = 24 * 60 * 60 * 1000
 #: Earliest plausible ``eventTime``: 2000-01-01T00:00:00Z, in milliseconds.
 MIN_EVENT_TIME_MS = 946_684_800_000
 
+#: Longest app id, in characters.
+MAX_APP_ID_LENGTH = 128
+_APP_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._~-]{{0,{MAX_APP_ID_LENGTH - 1}}}")
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 #: Largest magnitude of an int metric: Metrix reads metrics as doubles.
 MAX_METRIC_INT = int(sys.float_info.max)
@@ -194,9 +197,20 @@ class EventSchema(Schema):
 
 
 def validate_app_id(app_id: Any) -> str:
-    """An app id must be a non-empty string; raises :class:`InvalidEvent` otherwise."""
+    """An app id must be a non-empty string of letters, digits and ``._~-`` (at most
+    :data:`MAX_APP_ID_LENGTH`); raises :class:`InvalidEvent` otherwise. Anything else could not be
+    stored, logged or put in Metrix's URL as it is."""
     if not isinstance(app_id, str) or not app_id.strip():
         raise InvalidEvent({"app_id": ["Must be a non-empty string."]})
+    if not _APP_ID_RE.fullmatch(app_id):
+        raise InvalidEvent(
+            {
+                "app_id": [
+                    f"Must be at most {MAX_APP_ID_LENGTH} letters, digits and '._~-', "
+                    "starting with a letter or a digit."
+                ]
+            }
+        )
     return app_id
 
 

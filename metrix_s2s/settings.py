@@ -68,7 +68,8 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from .embedded import default_data_dir, embedded_urls, ensure_embedded
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidEvent
+from .schema import validate_app_id
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_BASE_URL = "https://analytics.metrix.ir"
@@ -406,6 +407,12 @@ def parse_apps(raw: str) -> dict[str, AppConfig]:
     for app_id, raw_value in data.items():
         if not app_id.strip():
             raise ConfigurationError("METRIX_APPS has an empty app id")
+        try:
+            validate_app_id(app_id)
+        except InvalidEvent as exc:
+            raise ConfigurationError(
+                f"METRIX_APPS has the app id {app_id!r}: {exc.messages['app_id'][0]}"
+            ) from None
         value = {"dev_key": raw_value} if isinstance(raw_value, str) else raw_value
         if not isinstance(value, dict):
             raise ConfigurationError(

@@ -299,3 +299,49 @@ def test_no_dev_key_anywhere_in_redis_after_a_run(
         dump += key
     assert dump, "expected some state in Redis"
     assert DEV_KEY.encode() not in dump
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [(["only-one-argument"], {}), ([APP_ID, {"eventSlug": "x"}, "extra"], {}), ([], {"x": 1})],
+    ids=["too-few", "too-many", "unknown-keyword"],
+)
+def test_a_message_with_the_wrong_arguments_is_dead_lettered_as_invalid_never_dropped(
+    args: list[Any],
+    kwargs: dict[str, Any],
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+    redis_client: redis.Redis,
+) -> None:
+    # Given a message published from elsewhere, with arguments the task does not take
+    start_worker(fake_metrix.url)
+    result = producer.app.send_task(TASK_NAME, args=args, kwargs=kwargs, queue=QUEUE)
+    # Then it is dead-lettered as invalid, with what could be read of it, and nothing is sent
+    key = f"metrix:dlq:entry:{result.id}"
+    assert wait_until(lambda: redis_client.exists(key) == 1, timeout=20)
+    record = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+    assert record["reason"] == "invalid"
+    assert "arguments" in record["detail"]
+    assert json.loads(record["event"]) == {"args": args, "kwargs": kwargs}
+    assert fake_metrix.requests == []
+
+
+@pytest.mark.parametrize(
+    "app_id", ["app\ud800", "app id", "app/../x", "x" * 129, "-starts-with-a-dash"]
+)
+def test_an_app_id_that_could_not_be_stored_or_sent_is_refused_at_the_door(
+    app_id: str, producer: Any, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(InvalidEvent) as raised:
+        producer.delay(app_id, make_event())
+    assert "app_id" in raised.value.messages
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_a_retry_count_passed_by_a_caller_does_not_skip_validation(
+    producer: Any, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(InvalidEvent):
+        producer.apply_async((APP_ID, {"eventSlug": "x"}), retries=1)
+    assert redis_client.llen(QUEUE) == 0

@@ -279,6 +279,13 @@ def test_a_dev_key_that_cannot_be_an_http_header_is_refused_naming_the_app(key: 
     assert SECRET not in error
 
 
+def test_an_app_id_that_producers_would_refuse_is_refused_in_metrix_apps() -> None:
+    error = config_error(apps_env({"my app": SECRET}))
+
+    assert error.startswith("METRIX_APPS has the app id 'my app': Must be at most 128 letters")
+    assert SECRET not in error
+
+
 def test_the_deadline_of_an_attempt_bounds_the_guard_and_the_time_limits() -> None:
     settings = Settings.from_env({"METRIX_CONNECT_TIMEOUT": "2", "METRIX_READ_TIMEOUT": "7"})
 
