@@ -34,6 +34,8 @@ __all__ = ["DeadLetter", "DeadLetterStore", "Reason", "TRIM_BATCH", "Taken"]
 #: Entries dropped per write at most, for retention or the size cap.
 TRIM_BATCH = 100
 
+#: The ``extra`` key that marks a record that could not be read, with the reason.
+UNREADABLE = "unreadable"
 _INT_FIELDS = ("attempts", "first_failed_ms", "last_failed_ms", "redriven")
 
 
@@ -72,9 +74,32 @@ class DeadLetter:
         data["extra"] = dict(self.extra)
         return data
 
+    @property
+    def unreadable(self) -> str:
+        """Why the stored record could not be read ("" for a readable one)."""
+        return self.extra.get(UNREADABLE, "")
+
     @classmethod
-    def from_hash(cls, raw: Mapping[Any, Any]) -> DeadLetter:
-        values = {text(k): text(v) for k, v in raw.items()}
+    def from_hash(cls, raw: Mapping[Any, Any], event_id: str = "") -> DeadLetter:
+        """The record as stored; one that cannot be read (damaged by hand, written by something
+        else) comes back with its id, marked :attr:`unreadable` with the reason, rather than
+        failing the listing it is part of."""
+        values = {text(k): text(v, errors="replace") for k, v in raw.items()}
+        try:
+            return cls._read(values)
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"[:200]
+            return cls(
+                event_id=values.get("event_id") or event_id,
+                app_id=values.get("app_id", ""),
+                event=None,
+                reason=Reason.POISON,
+                detail=f"unreadable record: {problem}",
+                extra={UNREADABLE: problem},
+            )
+
+    @classmethod
+    def _read(cls, values: Mapping[str, str]) -> DeadLetter:
         known = {name for name in cls.__dataclass_fields__ if name != "extra"}
         try:
             event: Any = json.loads(values.get("event", "null"))
@@ -93,6 +118,15 @@ class DeadLetter:
             **{name: int(values.get(name) or 0) for name in _INT_FIELDS},
             extra={k: v for k, v in values.items() if k not in known},
         )
+
+
+def _storable(value: str | int) -> str | int:
+    """Text Redis can store: a string that is not valid UTF-8 (a lone surrogate in an app id
+    from a message published elsewhere) has the offending characters escaped, so that the dead
+    letter is written rather than lost."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 class DeadLetterStore:
@@ -155,11 +189,11 @@ class DeadLetterStore:
         ]
         for name, value in fields.items():
             args += [name, value]
-        return bool(self._add(keys=keys, args=args))
+        return bool(self._add(keys=keys, args=[_storable(a) for a in args]))
 
     def get(self, event_id: str) -> DeadLetter | None:
         raw = self.redis.hgetall(self.keys.dead_letter(event_id))
-        return DeadLetter.from_hash(raw) if raw else None
+        return DeadLetter.from_hash(raw, event_id) if raw else None
 
     def contains(self, event_ids: Sequence[str]) -> list[bool]:
         """For each event id, whether it has a dead letter (one round trip)."""
@@ -247,10 +281,10 @@ class DeadLetterStore:
             pipe = self.redis.pipeline(transaction=False)
             for raw_id in ids:
                 pipe.hgetall(self.keys.dead_letter(text(raw_id)))
-            for raw in pipe.execute():
+            for raw_id, raw in zip(ids, pipe.execute(), strict=True):
                 if not raw:
                     continue  # removed between the two reads
-                letter = DeadLetter.from_hash(raw)
+                letter = DeadLetter.from_hash(raw, text(raw_id, errors="replace"))
                 if wanted is None or letter.reason is wanted:
                     yield letter
 

@@ -49,9 +49,9 @@ def get_redis(url: str) -> redis.Redis:
     return client
 
 
-def text(value: Any) -> str:
+def text(value: Any, errors: str = "strict") -> str:
     """A Redis reply as ``str`` (replies are bytes unless the client decodes them)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", errors) if isinstance(value, bytes) else str(value)
 
 
 def _reset() -> None:

@@ -871,3 +871,51 @@ def test_no_redis_server_for_the_embedded_default_is_a_configuration_error(
     result = invoke("dlq", "stats")
     assert result.exit_code == 2
     assert "pip install 'metrix-s2s[embedded]'" in one_error_line(result)
+
+
+def test_a_file_with_a_line_that_is_not_utf8_is_checked_line_by_line(
+    cli_env: None, tmp_path: Path
+) -> None:
+    # Given three lines, the second in Latin-1
+    path = tmp_path / "events.jsonl"
+    latin1 = json.dumps(make_event(metrixUserId="caf\u00e9"), ensure_ascii=False)
+    path.write_bytes(
+        event_lines(make_event()).encode()
+        + latin1.encode("latin-1")
+        + b"\n"
+        + event_lines(make_event()).encode()
+    )
+    result = invoke("validate", str(path))
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "line 1: ok",
+        "line 2: not UTF-8 text",
+        "line 3: ok",
+        "2 valid, 1 invalid",
+    ]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"reason": "no-such-reason"},
+        {"event": "[" * 100_000 + "]" * 100_000},
+        {"attempts": "many"},
+    ],
+    ids=["unknown-reason", "deeply-nested-event", "not-a-number"],
+)
+def test_an_unreadable_record_is_listed_as_such_and_the_rest_are_shown(
+    letters: dict[str, int], redis_client: redis.Redis, damage: dict[str, str]
+) -> None:
+    redis_client.hset("metrix:dlq:entry:e-mid", mapping=damage)
+    result = invoke("dlq", "list")
+    assert result.exit_code == 0, result.output
+    assert [row.split()[0] for row in result.stdout.splitlines()[1:-1]] == [
+        "e-inv", "e-new", "e-mid", "e-old",
+    ]  # fmt: skip
+    assert "unreadable record" in result.stdout
+    listed = json.loads(invoke("dlq", "list", "--json").stdout)
+    assert [letter["event_id"] for letter in listed] == ["e-inv", "e-new", "e-mid", "e-old"]
+    shown = invoke("dlq", "show", "e-mid")
+    assert shown.exit_code == 0, shown.output
+    assert "unreadable record" in shown.stdout

@@ -32,24 +32,37 @@ def read_events(text: str) -> list[_Item]:
     if not numbered:
         return []
     try:
+        if _undecodable(text):
+            raise json.JSONDecodeError("not UTF-8 text", text, 0)
         return [_Item(numbered[0][0], json.loads(text))]
     except json.JSONDecodeError as exc:
         whole_error = exc
     items: list[_Item] = []
     for n, line in numbered:
+        if _undecodable(line):
+            items.append(_Item(n, error="not UTF-8 text"))
+            continue
         try:
             items.append(_Item(n, json.loads(line)))
         except json.JSONDecodeError as exc:
             items.append(_Item(n, error=f"not JSON: {exc.msg} at column {exc.colno}"))
-    if len(numbered) > 1 and not any(isinstance(i.event, dict) for i in items if not i.error):
+    broken_text = any(_undecodable(line) for _, line in numbered)
+    readable = any(isinstance(i.event, dict) for i in items if not i.error)
+    if len(numbered) > 1 and not readable and not broken_text:
         # No line holds an object on its own: one document over several lines, broken.
         e = whole_error
         return [_Item(e.lineno, error=f"not JSON: {e.msg} at line {e.lineno}, column {e.colno}")]
     return items
 
 
-def _events(source: IO[str]) -> list[_Item]:
-    items = read_events(source.read())
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8 (kept as surrogate escapes)."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _events(source: IO[bytes]) -> list[_Item]:
+    # Undecodable bytes are kept as surrogates, so that only the lines holding them fail.
+    items = read_events(source.read().decode("utf-8", "surrogateescape"))
     if not items:
         raise Failure(f"no events in {getattr(source, 'name', 'the input')}")
     return items
@@ -64,14 +77,14 @@ def _not_an_object(event: Any) -> str | None:
     return f"invalid: expected a JSON object (one event), got {kind}"
 
 
-_FILE = click.File("r", encoding="utf-8")
+_FILE = click.File("rb")
 
 
 @click.command("send")
 @click.argument("app_id", metavar="APP_ID")
 @click.argument("source", metavar="FILE|-", type=_FILE)
 @click.pass_context
-def send(ctx: click.Context, app_id: str, source: IO[str]) -> None:
+def send(ctx: click.Context, app_id: str, source: IO[bytes]) -> None:
     """Validate and enqueue events from a file or stdin (-).
 
     Every event goes to APP_ID. FILE holds one JSON object, or JSON lines (one event a line;
@@ -95,7 +108,7 @@ def send(ctx: click.Context, app_id: str, source: IO[str]) -> None:
 @click.command("validate")
 @click.argument("source", metavar="FILE|-", type=_FILE)
 @click.pass_context
-def validate(ctx: click.Context, source: IO[str]) -> None:
+def validate(ctx: click.Context, source: IO[bytes]) -> None:
     """Check events from a file or stdin (-); enqueue nothing.
 
     The input is as for 'send': one JSON object, or JSON lines. Each line is reported as ok,
@@ -110,7 +123,7 @@ def validate(ctx: click.Context, source: IO[str]) -> None:
 
 
 def _each_event(
-    ctx: click.Context, source: IO[str], act: Callable[[_Item, int], str], done: str
+    ctx: click.Context, source: IO[bytes], act: Callable[[_Item, int], str], done: str
 ) -> None:
     """Run ``act`` (given the item and how many went well before it) on each event of ``source``
     and report every line: what ``act`` returned, or why the event is invalid or not JSON; then
