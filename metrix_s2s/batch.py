@@ -175,6 +175,8 @@ class _Batch:
         self.pace_left_s = BULK_PACE_S
         self.resume_at = 0.0
         self.broken = False
+        #: Sending threads handed a send by the current claim (the rest go back to the pool).
+        self.handed = 0
 
     def run(self) -> None:
         executor, slots = _senders(self.width)
@@ -188,7 +190,11 @@ class _Batch:
                     continue
                 free = slots.take(min(self.width - self.in_flight, len(self.todo)))
                 if free:
-                    slots.give(free - self._claim(executor, slots, free))
+                    self.handed = 0
+                    try:
+                        self._claim(executor, slots, free)
+                    finally:  # whatever happened, the threads not handed a send are free again
+                        slots.give(free - self.handed)
                 elif self.in_flight:
                     self._collect(SLOT_WAIT_S)  # other batches hold the threads: ours first
                 else:
@@ -201,9 +207,9 @@ class _Batch:
             else:
                 break  # Redis failed: the rest stays undecided
 
-    def _claim(self, executor: ThreadPoolExecutor, slots: _Slots, free: int) -> int:
+    def _claim(self, executor: ThreadPoolExecutor, slots: _Slots, free: int) -> None:
         """Claim up to ``free`` events and hand each claimed one, with its sending thread, to
-        ``executor``; return how many threads were used."""
+        ``executor`` (counted in :attr:`handed`)."""
         group = [self.todo.popleft() for _ in range(min(free, len(self.todo)))]
         tokens = [uuid.uuid4().hex for _ in group]
         try:
@@ -215,8 +221,7 @@ class _Batch:
         except redis.RedisError:
             self.todo.extendleft(reversed(group))
             self.broken = True  # nothing decided for the rest: the task tries them again
-            return 0
-        used = 0
+            return
         poisoned: list[tuple[int, Decided]] = []
         held: list[_Entry] = []
         wait_ms = 0
@@ -227,9 +232,9 @@ class _Batch:
                 continue
             verdict = verdicts.on_claim(self.settings, claim, self.d.rand)
             if verdict is None:
-                self.in_flight += 1
-                used += 1
                 executor.submit(self._send, slots, entry, token, claim)
+                self.in_flight += 1
+                self.handed += 1
             elif verdict.finish_mode is None:  # a duplicate, or busy in another worker
                 self.d.log(self.app.app_id, entry.event_id, verdict)
                 self.results[entry.index] = verdict
@@ -246,7 +251,6 @@ class _Batch:
                 self.resume_at = time.monotonic() + wait_s
             else:
                 self._defer_rest(wait_ms)
-        return used
 
     def _send(self, slots: _Slots, entry: _Entry, token: str, claim: Claim) -> None:
         """In a sending thread: wait for the slot, POST, hand the outcome back."""

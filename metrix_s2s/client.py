@@ -23,21 +23,24 @@ Bounds on every exchange, whatever the server does:
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
 import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .deadline import Attempt, deadline, watch_socket
-from .outcome import Kind, Outcome, classify_exception, classify_response
+from .deadline import Attempt, deadline, release_socket, watch_socket
+from .outcome import Kind, Outcome, classify_exception, classify_response, excerpt
 from .settings import key_fingerprint
 
 #: Connections kept alive per host; raised to the worker pool's concurrency when it is larger.
@@ -63,12 +66,18 @@ def redact_key(text: str, dev_key: str, fingerprint: str) -> str:
 
 
 class _Watched(HTTPConnection):
-    """Puts the connection's socket under the current attempt's deadline: when it connects
-    (over TLS, once the handshake is done) and before each request (a kept-alive connection)."""
+    """Puts the connection's socket under the current attempt's deadline: as soon as it is
+    connected (before a TLS handshake, which the deadline covers too) and before each request (a
+    kept-alive connection)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        watch_socket(sock)
+        return sock
 
     def connect(self) -> None:
         super().connect()
-        watch_socket(self.sock)
+        watch_socket(self.sock)  # over TLS, the wrapped socket
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         watch_socket(self.sock)
@@ -86,9 +95,17 @@ class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
 class _WatchedHTTPPool(HTTPConnectionPool):
     ConnectionCls = _WatchedHTTPConnection
 
+    def _put_conn(self, conn: Any) -> None:
+        release_socket(getattr(conn, "sock", None))  # back in the pool: out of this attempt
+        super()._put_conn(conn)
+
 
 class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
+
+    def _put_conn(self, conn: Any) -> None:
+        release_socket(getattr(conn, "sock", None))
+        super()._put_conn(conn)
 
 
 class _WatchedAdapter(HTTPAdapter):
@@ -210,7 +227,7 @@ class MetrixClient:
                 response = transport.adapter.send(request, timeout=self.timeout, stream=True)
                 status = response.status_code
                 body = _read_excerpt(response)
-            except Exception as exc:
+            except _TRANSPORT_ERRORS as exc:
                 if status is None:
                     return _failed(exc, attempt, self.deadline_s, dev_key, prepared.fingerprint)
                 body = b""  # the answer's status arrived; its body did not: the status counts
@@ -249,6 +266,16 @@ def _read_excerpt(response: requests.Response) -> bytes:
     return data[:MAX_BODY_BYTES]
 
 
+#: What an exchange may raise when the network, the server or the deadline ends it. Anything
+#: else (a task's time limit, a bug) is not an answer from Metrix and is raised.
+_TRANSPORT_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+
+
 def _failed(
     exc: BaseException, attempt: Attempt, deadline_s: float, dev_key: str, fingerprint: str
 ) -> Outcome:
@@ -258,6 +285,9 @@ def _failed(
             Kind.RETRYABLE,
             detail=f"Timeout: no answer from Metrix within the {deadline_s:g}s deadline",
         )
+    if not isinstance(exc, requests.RequestException):  # the network's trouble, not a setting
+        detail = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
+        return Outcome(Kind.RETRYABLE, detail=redact_key(detail, dev_key, fingerprint))
     outcome = classify_exception(exc)
     detail = redact_key(outcome.detail, dev_key, fingerprint)
     return Outcome(outcome.kind, outcome.status, outcome.retry_after_s, outcome.excerpt, detail)

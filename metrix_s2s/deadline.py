@@ -18,11 +18,15 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
+
+logger = logging.getLogger("metrix_s2s.client")
 
 #: Seconds the watchdog may fire late at most (it wakes at each deadline; this bounds a lost
 #: wake-up).
@@ -47,12 +51,18 @@ class Attempt:
             _shutdown(sock)
 
 
-def _shutdown(sock: socket.socket) -> None:
+def _shutdown(sock: Any) -> None:
     # The plain socket's shutdown, even for a TLS socket: ``SSLSocket.shutdown`` also drops its
     # TLS object, which would break the read under way in another thread with an AttributeError
-    # rather than a clean connection error.
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    # rather than a clean connection error. Anything else that calls itself a socket gets its own.
+    try:
+        if isinstance(sock, socket.socket):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception as exc:
+        if not isinstance(exc, OSError):
+            logger.warning("could not cut an HTTP exchange at its deadline: %r", exc)
 
 
 class _Watchdog:
@@ -63,6 +73,7 @@ class _Watchdog:
         self._heap: list[tuple[float, int, Attempt]] = []
         self._seq = itertools.count()
         self._pid = 0
+        self._thread: threading.Thread | None = None
 
     def finish(self, attempt: Attempt) -> None:
         """The exchange is over: its sockets are no longer cut (taken under the lock the cutting
@@ -75,13 +86,28 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._heap = []
         self._pid = 0
+        self._thread = None
+
+    def unwatch(self, sock: Any) -> None:
+        """``sock`` goes back to the pool: no attempt's cut may reach it any more."""
+        attempt: Attempt | None = getattr(_local, "attempt", None)
+        if attempt is None:
+            return
+        with self._cond:
+            if sock in attempt.sockets:
+                attempt.sockets.remove(sock)
 
     def watch(self, attempt: Attempt) -> None:
         with self._cond:
-            if self._pid != os.getpid():  # first use, or a forked child: a thread of its own
-                self._heap.clear()
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                # first use, a forked child, or a thread that died: a thread of its own
+                if self._pid != os.getpid():
+                    self._heap.clear()
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, name="metrix-deadline", daemon=True).start()
+                self._thread = threading.Thread(
+                    target=self._run, name="metrix-deadline", daemon=True
+                )
+                self._thread.start()
             heapq.heappush(self._heap, (attempt.deadline, next(self._seq), attempt))
             if self._heap[0][2] is attempt:
                 self._cond.notify()
@@ -116,6 +142,13 @@ def deadline(seconds: float) -> Iterator[Attempt]:
     finally:
         _watchdog.finish(attempt)
         _local.attempt = previous
+
+
+def release_socket(sock: Any) -> None:
+    """Take ``sock`` out of the current thread's attempt (called as its connection goes back to
+    the pool, where another thread may take it before this attempt ends)."""
+    if sock is not None:
+        _watchdog.unwatch(sock)
 
 
 def watch_socket(sock: socket.socket | None) -> None:

@@ -184,8 +184,35 @@ class Deliverer:
     def record(self, app_id: str, decisions: Sequence[Decided]) -> list[Verdict]:
         """Write the verdicts on claimed attempts of one app's events: dead letters one by one,
         then the ledger in one round trip (so a dead letter is stored before its event's guard is
-        released), then one log line each."""
+        released), then one log line each. Deliveries Metrix accepted are never lost to a failure
+        here: they raise :class:`NotRecorded` (see :meth:`_finish_patiently`)."""
         at = now_ms()
+        finishes = []
+        for d in decisions:
+            mode = d.verdict.finish_mode
+            if mode is None:
+                continue
+            status = d.verdict.outcome.status if d.verdict.outcome else None
+            value = f"{status or 0}:{at}" if d.verdict.action is Action.DELIVERED else ""
+            finishes.append(Finish(d.event_id, d.token, mode, value))
+        delivered = {
+            f.event_id: (f.value, f.token) for f in finishes if f.mode is FinishMode.DELIVERED
+        }
+        try:
+            self._add_dead_letters(app_id, decisions, at)
+        except Exception as exc:
+            if delivered:  # the deliveries beside them must not be sent again
+                self.unrecorded.update(delivered)
+                raise NotRecorded(exc, delivered) from exc
+            raise
+        pause_ms = max((d.verdict.pause_ms for d in decisions), default=0)
+        if finishes:
+            self._finish_patiently(app_id, finishes, pause_ms, delivered)
+        for d in decisions:
+            self.log(app_id, d.event_id, d.verdict, d.latency_ms)
+        return [d.verdict for d in decisions]
+
+    def _add_dead_letters(self, app_id: str, decisions: Sequence[Decided], at: int) -> None:
         for d in decisions:
             v = d.verdict
             if v.action is Action.DEAD_LETTERED and v.reason is not None:
@@ -201,30 +228,14 @@ class Deliverer:
                     attempts=v.attempt,
                     key_fingerprint=d.fingerprint,
                 )
-        finishes = []
-        for d in decisions:
-            mode = d.verdict.finish_mode
-            if mode is None:
-                continue
-            status = d.verdict.outcome.status if d.verdict.outcome else None
-            value = f"{status or 0}:{at}" if d.verdict.action is Action.DELIVERED else ""
-            finishes.append(Finish(d.event_id, d.token, mode, value))
-        pause_ms = max((d.verdict.pause_ms for d in decisions), default=0)
-        if finishes:
-            delivered = {
-                f.event_id: (f.value, f.token) for f in finishes if f.mode is FinishMode.DELIVERED
-            }
-            self._finish_patiently(app_id, finishes, pause_ms, delivered)
-        for d in decisions:
-            self.log(app_id, d.event_id, d.verdict, d.latency_ms)
-        return [d.verdict for d in decisions]
 
     def _finish_patiently(
         self, app_id: str, finishes: list[Finish], pause_ms: int, delivered: dict[str, Carried]
     ) -> None:
         """Record the attempts' ends; for deliveries Metrix accepted, keep trying for a while when
         Redis fails, then raise :class:`NotRecorded` (and remember them in :attr:`unrecorded`),
-        so that the POST is not repeated because the ledger missed it."""
+        so that the POST is not repeated because the ledger missed it. A task's time limit that
+        interrupts this raises :class:`NotRecorded` too."""
         give_up_at = time.monotonic() + (RECORD_PATIENCE_S if delivered else 0)
         wait = 0.25
         while True:
@@ -239,8 +250,17 @@ class Deliverer:
                 logger.warning(
                     "recording %d deliveries failed (%s); trying again", len(delivered), exc
                 )
-                time.sleep(wait)
+                try:
+                    time.sleep(wait)
+                except Exception as interrupted:  # a time limit: keep what was delivered
+                    self.unrecorded.update(delivered)
+                    raise NotRecorded(interrupted, delivered) from interrupted
                 wait = min(wait * 2, RECORD_RETRY_MAX_S)
+            except Exception as exc:  # a time limit, say: keep what was delivered
+                if not delivered:
+                    raise
+                self.unrecorded.update(delivered)
+                raise NotRecorded(exc, delivered) from exc
             else:
                 for event_id in delivered:
                     self.unrecorded.pop(event_id, None)

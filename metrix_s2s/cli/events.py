@@ -64,7 +64,8 @@ def _events(source: IO[bytes]) -> list[_Item]:
     # Undecodable bytes are kept as surrogates, so that only the lines holding them fail.
     items = read_events(source.read().decode("utf-8", "surrogateescape"))
     if not items:
-        raise Failure(f"no events in {getattr(source, 'name', 'the input')}")
+        name = getattr(source, "name", None)
+        raise Failure(f"no events in {name if isinstance(name, str) else '<stdin>'}")
     return items
 
 

@@ -21,7 +21,7 @@ from celery import shared_task
 from celery.local import Proxy
 
 from ..batch import deliver_many
-from ..delivery import Action, get_deliverer
+from ..delivery import Action, Carried, get_deliverer
 from ..errors import EnqueueError, InvalidEvent
 from ..names import BULK_TASK_NAME, EVENT_IDS_HEADER
 from ..producer import producer_app
@@ -30,6 +30,7 @@ from ..settings import get_settings, start_embedded_for
 from .send import (
     PUBLISH_ERRORS,
     SendEventTask,
+    infra_countdown,
     is_republish,
     mark_pending,
     masked,
@@ -47,8 +48,8 @@ def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
 
 def _options(app_id: str, items: list[list[Any]], options: dict[str, Any]) -> dict[str, Any]:
     headers = dict(options.get("headers") or {})
-    headers[EVENT_IDS_HEADER] = [event_id for event_id, _ in items]
-    shown = [[event_id, masked(event)] for event_id, event in items[:3]]
+    headers[EVENT_IDS_HEADER] = [item[0] for item in items]
+    shown = [[item[0], masked(item[1])] for item in items[:3]]
     more = f" + {len(items) - 3} more" if len(items) > 3 else ""
     return options | {
         "headers": headers,
@@ -126,24 +127,57 @@ class SendEventsTask(SendEventTask):
         return result
 
 
+def _items(items: Any) -> list[tuple[str, Any, Carried | None]] | None:
+    """``[event id, event]`` pairs (a third element: a delivery carried by a re-publish), or
+    ``None`` for anything else."""
+    if not isinstance(items, list):
+        return None
+    read: list[tuple[str, Any, Carried | None]] = []
+    for item in items:
+        if not isinstance(item, list | tuple) or len(item) not in (2, 3):
+            return None
+        carried = item[2] if len(item) == 3 else None
+        if carried is not None and not (
+            isinstance(carried, list | tuple)
+            and len(carried) == 2
+            and all(isinstance(c, str) for c in carried)
+        ):
+            return None
+        read.append((str(item[0]), item[1], (carried[0], carried[1]) if carried else None))
+    return read
+
+
 @shared_task(bind=True, base=SendEventsTask, name=BULK_TASK_NAME)
 def _send_metrix_events(self: SendEventsTask, app_id: Any, items: Any) -> dict[str, int]:
     deliverer = get_deliverer()
-    if not isinstance(items, list) or not all(
-        isinstance(item, list | tuple) and len(item) == 2 for item in items
-    ):
+    batch = _items(items)
+    if batch is None:
         # Not a batch this task published: park it whole rather than guess.
         deliverer.dead_letter_error(app_id, items, self.request.id, ValueError("not a batch"))
         return {"dead_lettered": 1}
-    outcomes = deliver_many(deliverer, app_id, [(str(i), e) for i, e in items])
-    again = [[event_id, event] for event_id, event, result in outcomes if result is None or
-             result.action in (Action.RETRY, Action.DEFER)]  # fmt: skip
+    for event_id, _, carried in batch:
+        if carried is not None:  # delivered by an earlier attempt; only its record is missing
+            deliverer.unrecorded.setdefault(event_id, carried)
+    try:
+        outcomes = deliver_many(deliverer, app_id, [(i, e) for i, e, _ in batch])
+    except Exception as exc:  # a time limit, say: nothing more is known of the rest
+        logger.warning("batch %s: %s; trying its events again", self.request.id, exc)
+        outcomes = [(i, e, None) for i, e, _ in batch]
+    again = [_again(deliverer, event_id, event) for event_id, event, result in outcomes
+             if result is None or result.action in (Action.RETRY, Action.DEFER)]  # fmt: skip
     counts = Counter(result.action.value if result else "retry" for _, _, result in outcomes)
     if again:
         waits = [r.countdown_s for _, _, r in outcomes if r is not None and r.countdown_s]
-        countdown = max(waits) if waits else 1.0
+        undecided = any(result is None for _, _, result in outcomes)
+        countdown = max(waits) if waits else (infra_countdown(self) if undecided else 1.0)
         raise retry_or_requeue(self, countdown, args=(app_id, again))
     return dict(counts)
+
+
+def _again(deliverer: Any, event_id: str, event: Any) -> list[Any]:
+    """An event going back in the smaller batch, with its delivery if one is not recorded."""
+    carried = deliverer.unrecorded.get(event_id)
+    return [event_id, event, list(carried)] if carried else [event_id, event]
 
 
 def _resolve() -> SendEventsTask:

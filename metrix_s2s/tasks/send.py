@@ -14,6 +14,7 @@ normal return, so the message is acknowledged only once the event is safely in t
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -55,18 +56,16 @@ PUBLISH_ERRORS = (kombu.exceptions.OperationalError, redis.RedisError, OSError)
 
 
 def maybe_published(exc: BaseException) -> bool:
-    """Whether a failed publish may have reached the broker all the same: a connection was made
-    and the answer did not come in time (a frozen or overloaded broker), rather than no
-    connection at all."""
+    """Whether a failed publish may have reached the broker all the same. Only a failure before
+    any byte could be sent (no connection: refused, unknown host, a connect that timed out) or a
+    command the server refused (a full Redis) is sure not to have; a connection lost or an
+    answer that did not come in time (a frozen broker) may have."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ConnectionRefusedError | redis.ConnectionError) and not isinstance(
-            seen, redis.TimeoutError
-        ):
+        if isinstance(seen, ConnectionRefusedError | socket.gaierror | redis.ResponseError):
             return False
-        if isinstance(seen, TimeoutError | redis.TimeoutError):
-            return True
-        if isinstance(seen, redis.ResponseError):  # refused by the server (a full Redis, say)
+        never_connected = "connecting to" in str(seen)  # redis-py's words for that
+        if isinstance(seen, redis.ConnectionError | redis.TimeoutError) and never_connected:
             return False
         seen = seen.__cause__ or seen.__context__
     return True
@@ -200,7 +199,13 @@ def retry_or_requeue(task: Task, countdown: float, **options: Any) -> BaseExcept
     broker would not take the retry, the message handed back to the broker (requeued, or left
     unacknowledged for the visibility timeout to restore). Celery itself would drop it
     (``Reject(requeue=False)``); an infrastructure error never drops a message."""
-    headers = {**(task.request.headers or {}), REPUBLISH_HEADER: "1"}
+    kept = {
+        k: v
+        for k, v in (task.request.headers or {}).items()
+        # RabbitMQ's dead-letter bookkeeping, which Celery's own retries leave out too
+        if not (k == "x-death" or k.startswith("x-first-death"))
+    }
+    headers = {**kept, REPUBLISH_HEADER: "1"}
     try:
         return cast(
             BaseException,
@@ -216,7 +221,7 @@ def retry_or_requeue(task: Task, countdown: float, **options: Any) -> BaseExcept
         return cast(BaseException, Reject(exc.reason, requeue=True))
 
 
-def _infra_countdown(task: Task) -> float:
+def infra_countdown(task: Task) -> float:
     """The wait before trying again while Redis is unreachable (the event's own budget is not
     spent)."""
     return compute_backoff(
@@ -255,16 +260,16 @@ def _send_metrix_event(self: SendEventTask, *args: Any, **kwargs: Any) -> str:
             return Action.DEAD_LETTERED.value
     except NotRecorded as exc:
         # Metrix accepted it; only the record is missing: the next attempt records, never sends.
-        countdown = _infra_countdown(self)
+        countdown = infra_countdown(self)
         carried = exc.delivered.get(event_id)
         logger.warning("event %s: delivered, not yet recorded; recording again in %.1fs",
                        one_line(event_id), countdown)  # fmt: skip
-        carry = {CARRIED_KWARG: list(carried)} if carried else None
+        carry = {**(self.request.kwargs or {}), CARRIED_KWARG: list(carried)} if carried else None
         raise retry_or_requeue(self, countdown, kwargs=carry) from None
     except (redis.RedisError, SoftTimeLimitExceeded) as exc:
         # Redis (ledger, dead letters) is unreachable or an attempt overran: nothing was decided,
         # so try again later without touching the event's own retry budget.
-        countdown = _infra_countdown(self)
+        countdown = infra_countdown(self)
         logger.warning(
             "event %s: %s; trying again in %.1fs",
             one_line(event_id),

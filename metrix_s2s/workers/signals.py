@@ -39,13 +39,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # it is the broker, and size the HTTP pool.
     if get_settings().log_format == "json":
         use_json_logs()
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int):
+        set_pool_size(concurrency)
     app = getattr(sender, "app", None)
     if app is not None:
         start_embedded_for(app.conf.broker_url)
         wait_while_full(app.conf.broker_url)
-    concurrency = getattr(sender, "concurrency", None)
-    if isinstance(concurrency, int):
-        set_pool_size(concurrency)
 
 
 def wait_while_full(broker_url: str) -> None:
@@ -53,17 +53,22 @@ def wait_while_full(broker_url: str) -> None:
     (``maxmemory`` reached under ``noeviction``), wait and say so, instead of letting Celery stop
     the worker with an unrecoverable error. Any other trouble is left to Celery's own retries."""
     settings = get_settings()
-    urls = {settings.redis_url} | ({broker_url} if is_redis_url(broker_url) else set())
+    urls = {settings.redis_url}
+    if isinstance(broker_url, str) and is_redis_url(broker_url):
+        urls.add(broker_url)
     probe = Keyspace(settings.key_prefix).probe
-    warned_at = 0.0
+    warned_at: float | None = None
     for url in sorted(urls):
-        client = get_redis(url)
+        try:
+            client = get_redis(url)
+        except (ValueError, TypeError):
+            continue  # a URL redis-py does not read (a failover list): left to Celery
         while True:
             try:
                 client.set(probe, "1", px=1000)
                 break
             except redis.OutOfMemoryError:
-                if time.monotonic() - warned_at >= FULL_REDIS_WARN_S:
+                if warned_at is None or time.monotonic() - warned_at >= FULL_REDIS_WARN_S:
                     logger.warning(
                         "Redis is full (maxmemory, noeviction) and refuses writes; waiting for "
                         "memory before consuming (free some, or raise maxmemory)"
