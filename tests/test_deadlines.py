@@ -160,7 +160,7 @@ def test_a_worker_frozen_past_its_guards_sends_only_what_was_on_the_wire(
     at_freeze = len(fake_metrix.requests)
     try:
         start_worker(fake_metrix.url, concurrency=4, **env)
-        time.sleep(30)
+        time.sleep(22)  # past its guards (16.5 s) and the visibility timeout (18 s)
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
     # Then, once it thaws, every event is delivered
