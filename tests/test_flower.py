@@ -47,9 +47,10 @@ def test_inspect_and_retries_show_masked_arguments(
     redis_client: redis.Redis,
 ) -> None:
     # Given an event whose first attempt is slow and then fails, so that it is retried
-    # (a long countdown, so that a loaded machine still finds the retry held)
-    fake_metrix.inject(503, count=1, latency=2.0, retry_after="8")
-    start_worker(fake_metrix.url, METRIX_RETRY_AFTER_MAX="8")
+    # (slow, but well within the worker's 2 s read timeout, so that the 503 and its Retry-After
+    # arrive; a long countdown, so that a loaded machine still finds the retry held)
+    fake_metrix.inject(503, count=1, latency=1.5, retry_after="4")
+    start_worker(fake_metrix.url, METRIX_RETRY_AFTER_MAX="4")
     event_id = producer.delay(APP_ID, make_event(deviceIp=IP)).id
     assert wait_until(lambda: bool(_active(producer)), timeout=15)
     # When an operator inspects the worker while it delivers
