@@ -23,6 +23,7 @@ Bounds on every exchange, whatever the server does:
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -93,19 +94,15 @@ class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
+    ConnectionCls: type[HTTPConnection] = _WatchedHTTPConnection
 
     def _put_conn(self, conn: Any) -> None:
         release_socket(getattr(conn, "sock", None))  # back in the pool: out of this attempt
         super()._put_conn(conn)
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_WatchedHTTPPool, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
-
-    def _put_conn(self, conn: Any) -> None:
-        release_socket(getattr(conn, "sock", None))
-        super()._put_conn(conn)
 
 
 class _WatchedAdapter(HTTPAdapter):
@@ -217,9 +214,7 @@ class MetrixClient:
         try:
             prepared = self._prepared(transport, app_id, dev_key)
         except requests.RequestException as exc:  # a key or app id that cannot be sent
-            outcome = classify_exception(exc)
-            detail = redact_key(outcome.detail, dev_key, key_fingerprint(dev_key))
-            return Outcome(outcome.kind, detail=detail)
+            return _classified(exc, dev_key, key_fingerprint(dev_key))
         request = self._request(prepared, encode_event(event))
         status: int | None = None
         with deadline(self.deadline_s) as attempt:
@@ -288,6 +283,10 @@ def _failed(
     if not isinstance(exc, requests.RequestException):  # the network's trouble, not a setting
         detail = f"{type(exc).__name__}: {excerpt(str(exc), 200)}"
         return Outcome(Kind.RETRYABLE, detail=redact_key(detail, dev_key, fingerprint))
+    return _classified(exc, dev_key, fingerprint)
+
+
+def _classified(exc: requests.RequestException, dev_key: str, fingerprint: str) -> Outcome:
+    """``classify_exception``'s outcome, with the dev-key replaced in its detail."""
     outcome = classify_exception(exc)
-    detail = redact_key(outcome.detail, dev_key, fingerprint)
-    return Outcome(outcome.kind, outcome.status, outcome.retry_after_s, outcome.excerpt, detail)
+    return dataclasses.replace(outcome, detail=redact_key(outcome.detail, dev_key, fingerprint))

@@ -11,12 +11,13 @@ many events at once through the public methods here: :meth:`Deliverer.check`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,7 +186,7 @@ class Deliverer:
         """Write the verdicts on claimed attempts of one app's events: dead letters one by one,
         then the ledger in one round trip (so a dead letter is stored before its event's guard is
         released), then one log line each. Deliveries Metrix accepted are never lost to a failure
-        here: they raise :class:`NotRecorded` (see :meth:`_finish_patiently`)."""
+        here: they raise :class:`NotRecorded` (see :meth:`_keeping`)."""
         at = now_ms()
         finishes = []
         for d in decisions:
@@ -198,16 +199,11 @@ class Deliverer:
         delivered = {
             f.event_id: (f.value, f.token) for f in finishes if f.mode is FinishMode.DELIVERED
         }
-        try:
-            self._add_dead_letters(app_id, decisions, at)
-        except Exception as exc:
-            if delivered:  # the deliveries beside them must not be sent again
-                self.unrecorded.update(delivered)
-                raise NotRecorded(exc, delivered) from exc
-            raise
         pause_ms = max((d.verdict.pause_ms for d in decisions), default=0)
-        if finishes:
-            self._finish_patiently(app_id, finishes, pause_ms, delivered)
+        with self._keeping(delivered):
+            self._add_dead_letters(app_id, decisions, at)
+            if finishes:
+                self._finish_patiently(app_id, finishes, pause_ms, patient=bool(delivered))
         for d in decisions:
             self.log(app_id, d.event_id, d.verdict, d.latency_ms)
         return [d.verdict for d in decisions]
@@ -229,48 +225,49 @@ class Deliverer:
                     key_fingerprint=d.fingerprint,
                 )
 
+    @contextlib.contextmanager
+    def _keeping(self, delivered: dict[str, Carried]) -> Iterator[None]:
+        """Around the writes of a record: when anything fails (Redis, a task's time limit) while
+        deliveries Metrix accepted are among them, remember those in :attr:`unrecorded` and raise
+        :class:`NotRecorded`, so that the POST is not repeated because the ledger missed it."""
+        try:
+            yield
+        except NotRecorded:
+            raise
+        except Exception as exc:
+            if not delivered:
+                raise
+            self.unrecorded.update(delivered)
+            raise NotRecorded(exc, delivered) from exc
+        for event_id in delivered:
+            self.unrecorded.pop(event_id, None)
+
     def _finish_patiently(
-        self, app_id: str, finishes: list[Finish], pause_ms: int, delivered: dict[str, Carried]
+        self, app_id: str, finishes: list[Finish], pause_ms: int, *, patient: bool
     ) -> None:
-        """Record the attempts' ends; for deliveries Metrix accepted, keep trying for a while when
-        Redis fails, then raise :class:`NotRecorded` (and remember them in :attr:`unrecorded`),
-        so that the POST is not repeated because the ledger missed it. A task's time limit that
-        interrupts this raises :class:`NotRecorded` too."""
-        give_up_at = time.monotonic() + (RECORD_PATIENCE_S if delivered else 0)
+        """Record the attempts' ends; when ``patient`` (deliveries are among them), keep trying
+        for :data:`RECORD_PATIENCE_S` while Redis fails."""
+        give_up_at = time.monotonic() + (RECORD_PATIENCE_S if patient else 0)
         wait = 0.25
         while True:
             try:
                 self.ledger.finish_many(app_id, finishes, pause_ms)
+                return
             except redis.RedisError as exc:
                 if time.monotonic() + wait > give_up_at:
-                    if not delivered:
-                        raise
-                    self.unrecorded.update(delivered)
-                    raise NotRecorded(exc, delivered) from exc
-                logger.warning(
-                    "recording %d deliveries failed (%s); trying again", len(delivered), exc
-                )
-                try:
-                    time.sleep(wait)
-                except Exception as interrupted:  # a time limit: keep what was delivered
-                    self.unrecorded.update(delivered)
-                    raise NotRecorded(interrupted, delivered) from interrupted
-                wait = min(wait * 2, RECORD_RETRY_MAX_S)
-            except Exception as exc:  # a time limit, say: keep what was delivered
-                if not delivered:
                     raise
-                self.unrecorded.update(delivered)
-                raise NotRecorded(exc, delivered) from exc
-            else:
-                for event_id in delivered:
-                    self.unrecorded.pop(event_id, None)
-                return
+                logger.warning(
+                    "recording %d verdicts failed (%s); trying again", len(finishes), exc
+                )
+                time.sleep(wait)
+                wait = min(wait * 2, RECORD_RETRY_MAX_S)
 
     def _record_late(self, app_id: str, event_id: str, carried: Carried) -> Verdict:
         """Record a delivery made by an earlier attempt whose record failed; nothing is sent."""
         value, token = carried
         finish = Finish(event_id, token, FinishMode.DELIVERED, value)
-        self._finish_patiently(app_id, [finish], 0, {event_id: carried})
+        with self._keeping({event_id: carried}):
+            self._finish_patiently(app_id, [finish], 0, patient=True)
         verdict = Verdict(Action.DELIVERED)
         self.log(app_id, event_id, verdict)
         return verdict

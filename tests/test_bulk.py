@@ -18,12 +18,12 @@ import redis
 from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
-from metrix_s2s import InvalidEvent, operations, tasks
+from metrix_s2s import InvalidEvent, delivery, operations, tasks
 from metrix_s2s import batch as batch_engine
 from metrix_s2s import settings as settings_module
 from metrix_s2s.batch import deliver_many
 from metrix_s2s.deadletter import DeadLetterStore, Reason
-from metrix_s2s.delivery import Action, Deliverer, Verdict
+from metrix_s2s.delivery import Action, Deliverer, NotRecorded, Verdict
 from metrix_s2s.schema import now_ms
 from metrix_s2s.settings import Settings
 from metrix_s2s.tasks import BULK_TASK_NAME, QUEUE
@@ -275,3 +275,33 @@ def test_an_error_in_a_sending_thread_parks_only_that_event(
     assert letter.reason is Reason.POISON
     assert "RuntimeError: boom" in letter.detail
     assert not redis_client.exists("metrix:inflight:u-id-3")  # its guard was released
+
+
+def test_a_delivery_redis_would_not_record_is_recorded_later_never_sent_again(
+    deliverer: Callable[..., Deliverer],
+    fake_metrix: FakeMetrix,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given Redis refuses the ledger's record after Metrix accepted the POST
+    monkeypatch.setattr(delivery, "RECORD_PATIENCE_S", 0.5)
+    d = deliverer()
+    real_finish = d.ledger.finish_many
+
+    def refused(*args: Any, **kwargs: Any) -> int:
+        raise redis.ConnectionError("Redis is away")
+
+    monkeypatch.setattr(d.ledger, "finish_many", refused)
+    event = make_event(metrixUserId="unrecorded")
+    # When an attempt is made
+    with pytest.raises(NotRecorded) as raised:
+        d.deliver(APP_ID, event, "e-unrecorded")
+    # Then the delivery is kept, to be carried by the message and remembered by the process
+    assert set(raised.value.delivered) == {"e-unrecorded"}
+    assert d.unrecorded == raised.value.delivered
+    # And once Redis takes writes again, the next attempt records it without sending
+    monkeypatch.setattr(d.ledger, "finish_many", real_finish)
+    assert d.deliver(APP_ID, event, "e-unrecorded").action is Action.DELIVERED
+    assert len(fake_metrix.requests) == 1
+    assert redis_client.exists("metrix:delivered:e-unrecorded")
+    assert d.unrecorded == {}
