@@ -18,6 +18,8 @@ BULK_TASK_NAME = "metrix_s2s.send_events"
 REDRIVE_TASK = "metrix_s2s.redrive"
 #: The periodic reconciler of pending events.
 RECONCILE_TASK = "metrix_s2s.reconcile"
+#: The periodic outbox relay of a Django project (:mod:`metrix_s2s.contrib.django`).
+OUTBOX_RELAY_TASK = "metrix_s2s.outbox_relay"
 #: The queue metrix-s2s's tasks are routed to and its workers consume.
 QUEUE = "metrix_s2s"
 #: The message header in which a batch of ``send_metrix_events`` lists its event ids, so that the

@@ -242,3 +242,21 @@ def validate_event(event: Any, *, now: int | None = None) -> dict[str, Any]:
 
 
 _SCHEMA = EventSchema()
+
+
+def validate_events(app_id: Any, events: Any) -> list[dict[str, Any]]:
+    """A batch for ``app_id``: every event normalised, or :class:`InvalidEvent` with the messages
+    of each bad one by its place in the list."""
+    validate_app_id(app_id)
+    if not isinstance(events, list | tuple) or not events:
+        raise InvalidEvent({"events": ["Must be a non-empty list of events."]})
+    normalized: list[dict[str, Any]] = []
+    errors: dict[str, Any] = {}
+    for index, event in enumerate(events):
+        try:
+            normalized.append(validate_event(event))
+        except InvalidEvent as exc:
+            errors[str(index)] = exc.messages
+    if errors:
+        raise InvalidEvent(errors)
+    return normalized

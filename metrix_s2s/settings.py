@@ -43,6 +43,8 @@ Variables (defaults in parentheses):
 ``METRIX_REDRIVE_BATCH``     most dead letters one periodic re-drive takes (500)
 ``METRIX_MAX_REDRIVES``      re-drives of one event before it stays dead as ``redrive_limit`` (5)
 ``METRIX_RECONCILE_INTERVAL`` seconds between reconciler runs (300; 0 turns it off)
+``METRIX_OUTBOX_RELAY_INTERVAL`` seconds between a Django project's periodic outbox relays (10; 0
+                             turns them off)
 ``METRIX_PENDING_MAX_AGE``   seconds an event may go unseen before the reconciler checks whether
                              the broker lost it (900)
 ``METRIX_VISIBILITY_TIMEOUT`` Redis broker: seconds before an unacknowledged message is handed to
@@ -182,6 +184,7 @@ class Settings:
     redrive_batch: int = 500
     max_redrives: int = 5
     reconcile_interval_s: float = 300.0
+    outbox_relay_interval_s: float = 10.0
     pending_max_age_s: float = 900.0
     log_format: str = "text"
     bulk_max: int = 500
@@ -352,6 +355,9 @@ class Settings:
             max_redrives=reader.int("METRIX_MAX_REDRIVES", cls.max_redrives),
             reconcile_interval_s=reader.float(
                 "METRIX_RECONCILE_INTERVAL", cls.reconcile_interval_s
+            ),
+            outbox_relay_interval_s=reader.float(
+                "METRIX_OUTBOX_RELAY_INTERVAL", cls.outbox_relay_interval_s
             ),
             pending_max_age_s=reader.float("METRIX_PENDING_MAX_AGE", cls.pending_max_age_s),
             redis_url_explicit=redis_url_explicit,

@@ -265,3 +265,131 @@ def wait_until(
             return True
         time.sleep(interval)
     return predicate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Databases for the outbox: SQLite always; the local PostgreSQL and MariaDB servers when they
+# answer (under CI=true they must). Each run works in a database of its own, dropped at the end.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """One database of a server (or an SQLite file) for the outbox tests."""
+
+    engine: str  # "sqlite3", "postgresql" or "mysql": the name Django's backends use
+    name: str  # the database name, or the SQLite file's path
+    port: int = 0
+    user: str = ""
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.engine == "sqlite3":
+            return f"sqlite:///{self.name}"
+        if self.engine == "postgresql":
+            return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{self.name}"
+        return f"mysql+pymysql://{self.user}@127.0.0.1:{self.port}/{self.name}"
+
+    def django_env(self) -> dict[str, str]:
+        """The settings of the test Django project that select this database."""
+        if self.engine == "sqlite3":
+            return {"DJANGOPROJ_DB_ENGINE": "sqlite3", "DJANGOPROJ_DB_PATH": self.name}
+        return {
+            "DJANGOPROJ_DB_ENGINE": self.engine,
+            "DJANGOPROJ_DB_NAME": self.name,
+            "DJANGOPROJ_DB_PORT": str(self.port),
+            "DJANGOPROJ_DB_USER": self.user,
+        }
+
+    def connect(self) -> Any:
+        """A DB-API connection in autocommit mode."""
+        if self.engine == "sqlite3":
+            import sqlite3
+
+            return sqlite3.connect(self.name, isolation_level=None)
+        if self.engine == "postgresql":
+            import psycopg
+
+            return psycopg.connect(
+                host="127.0.0.1", port=self.port, user=self.user, dbname=self.name, autocommit=True
+            )
+        import pymysql
+
+        return pymysql.connect(
+            host="127.0.0.1", port=self.port, user=self.user, database=self.name, autocommit=True
+        )
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def clear(self) -> None:
+        """Drop every table, so that each test starts from an empty database."""
+        if self.engine == "sqlite3":
+            Path(self.name).unlink(missing_ok=True)
+            return
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            if self.engine == "postgresql":
+                cur.execute("DROP SCHEMA public CASCADE")
+                cur.execute("CREATE SCHEMA public")
+            else:
+                cur.execute("SHOW TABLES")
+                tables = [row[0] for row in cur.fetchall()]
+                cur.execute("SET FOREIGN_KEY_CHECKS = 0")
+                for table in tables:
+                    cur.execute(f"DROP TABLE `{table}`")
+                cur.execute("SET FOREIGN_KEY_CHECKS = 1")
+        finally:
+            conn.close()
+
+
+def _server_database(engine: str) -> Iterator[Database]:
+    """A fresh database on the local server of ``engine``, dropped at the end."""
+    name = f"metrix_s2s_test_{os.getpid()}"
+    label = {"postgresql": "PostgreSQL", "mysql": "MariaDB"}[engine]
+    if engine == "postgresql":
+        admin = Database(engine, "postgres", port=5432, user="postgres")
+    else:
+        admin = Database(engine, "mysql", port=3306, user="root")
+    try:
+        admin.query(f"DROP DATABASE IF EXISTS {name}")
+        admin.query(f"CREATE DATABASE {name}")
+    except Exception as exc:
+        unavailable(f"{label} on 127.0.0.1:{admin.port} ({type(exc).__name__}: {exc})")
+    try:
+        yield Database(engine, name, port=admin.port, user=admin.user)
+    finally:
+        with contextlib.suppress(Exception):
+            if engine == "postgresql":
+                admin.query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+                )
+            admin.query(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture(scope="session")
+def postgresql_database() -> Iterator[Database]:
+    yield from _server_database("postgresql")
+
+
+@pytest.fixture(scope="session")
+def mysql_database() -> Iterator[Database]:
+    yield from _server_database("mysql")
+
+
+@pytest.fixture(params=["sqlite3", "postgresql", "mysql"], ids=["sqlite", "postgresql", "mariadb"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """Each outbox database in turn, empty: SQLite, the local PostgreSQL, the local MariaDB."""
+    if request.param == "sqlite3":
+        return Database("sqlite3", str(tmp_path / "outbox.sqlite3"))
+    db: Database = request.getfixturevalue(f"{request.param}_database")
+    db.clear()
+    return db

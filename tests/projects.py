@@ -70,16 +70,17 @@ class Project:
 @contextlib.contextmanager
 def project_workers(
     project: Project, celery_app: str, name: str, tmp_path: Path
-) -> Iterator[Callable[[], Worker]]:
+) -> Iterator[Callable[..., Worker]]:
     """Start real workers of the project's Celery app (``-A celery_app``), consuming its own queue
-    and metrix-s2s's; every one is stopped, by PID, on the way out."""
+    and metrix-s2s's (``options``: more of ``celery worker``'s); every one is stopped, by PID, on
+    the way out."""
     started: list[Worker] = []
 
-    def start() -> Worker:
+    def start(*options: str) -> Worker:
         cmd = [
             sys.executable, "-m", "celery", "-A", celery_app, "worker",
             "-P", "threads", "-c", "4", "-Q", f"celery,{QUEUE}", "-l", "INFO",
-            "--without-mingle", "--without-gossip", "-n", f"{name}-{os.getpid()}@%h",
+            "--without-mingle", "--without-gossip", "-n", f"{name}-{os.getpid()}@%h", *options,
         ]  # fmt: skip
         log = tmp_path / f"{name}-worker-{len(started)}.log"
         worker = _launch(cmd, project.worker_env, log, "ready.")

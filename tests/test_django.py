@@ -34,6 +34,7 @@ from projects import (
     task_args,
 )
 
+from metrix_s2s.embedded import free_port
 from metrix_s2s.tasks import BULK_TASK_NAME, QUEUE, TASK_NAME
 
 pytestmark = pytest.mark.slow
@@ -198,3 +199,30 @@ def test_a_batch_delay_on_commit_validates_the_list_and_enqueues_one_batch_on_co
     start_project_worker()
     assert fake_metrix.wait_for(2, timeout=15), fake_metrix.stats()
     assert sorted(r.body["eventSlug"] for r in fake_metrix.accepted) == ["follow", "taqsq"]
+
+
+def test_without_the_outbox_a_broker_outage_at_commit_is_logged_never_raised_into_the_view(
+    project: Project, redis_client: redis.Redis
+) -> None:
+    # Given the project without the outbox app, and its broker down
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    project.web_env["DJANGOPROJ_BROKER_URL"] = down
+    # When a purchase commits and a batch commits
+    out, stderr = run_web(
+        project,
+        "django_client.py",
+        purchase("buyer-down", view="purchase/delay-on-commit"),
+        purchase("batch-down", view="purchase/batch-on-commit"),
+    )
+    # Then the views answer 200 (the orders are committed), nothing raised into them
+    assert [r["status"] for r in out["responses"]] == [200, 200], out["responses"]
+    assert out["orders"] == ["buyer-down", "batch-down"]
+    # And one ERROR line per event says which event of which app was lost, and why, and names
+    # the outbox
+    lost = [
+        line for line in stderr.splitlines() if "was not enqueued after its transaction" in line
+    ]
+    assert len(lost) == 3, stderr
+    assert all(f"for app {APP_ID}" in line for line in lost)
+    assert all("metrix_s2s.contrib.django" in line and "OperationalError" in line for line in lost)
+    assert len({line.split()[1] for line in lost}) == 3  # three event ids

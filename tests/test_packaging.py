@@ -50,3 +50,14 @@ def test_the_wheel_holds_the_fake_metrix_and_the_type_marker(wheel: zipfile.ZipF
     assert "metrix_s2s/testing/fake_metrix.py" in names
     assert "metrix_s2s/py.typed" in names
     assert "metrix_s2s/fakeserver.py" not in names
+
+
+def test_the_wheel_holds_the_django_app_with_its_migration_and_command(
+    wheel: zipfile.ZipFile,
+) -> None:
+    names = set(wheel.namelist())
+    app = "metrix_s2s/contrib/django"
+    for path in ("apps.py", "models.py", "migrations/__init__.py", "migrations/0001_initial.py",
+                 "management/commands/metrix_s2s_relay.py", "tasks.py"):  # fmt: skip
+        assert f"{app}/{path}" in names, path
+    assert "metrix_s2s/contrib/sqlalchemy.py" in names

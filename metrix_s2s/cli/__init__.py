@@ -7,6 +7,7 @@
     metrix-s2s validate FILE|-                     check events without enqueueing them
     metrix-s2s worker | beat                       run Celery with metrix-s2s's own app
     metrix-s2s embedded status|stop                the embedded Redis (no broker configured)
+    metrix-s2s outbox relay --database-url URL     publish a SQLAlchemy project's outbox
     metrix-s2s demo                                see it work, with nothing else installed
 
 Every invocation reads the environment once (the same variables as the workers) and installs those
@@ -25,6 +26,7 @@ from .demo import demo
 from .dlq import dlq
 from .embedded import embedded
 from .events import read_events, send, validate
+from .outbox import outbox
 from .processes import beat, worker
 
 cli.add_command(dlq)
@@ -33,6 +35,7 @@ cli.add_command(validate)
 cli.add_command(worker)
 cli.add_command(beat)
 cli.add_command(embedded)
+cli.add_command(outbox)
 cli.add_command(demo)
 
 __all__ = ["cli", "main", "read_events"]

@@ -22,10 +22,10 @@ from celery.local import Proxy
 
 from ..batch import deliver_many
 from ..delivery import Action, Carried, get_deliverer
-from ..errors import EnqueueError, InvalidEvent
+from ..errors import EnqueueError
 from ..names import BULK_TASK_NAME, EVENT_IDS_HEADER
 from ..producer import producer_app
-from ..schema import validate_app_id, validate_event
+from ..schema import validate_events
 from ..settings import get_settings, start_embedded_for
 from .send import (
     PUBLISH_ERRORS,
@@ -58,34 +58,20 @@ def _options(app_id: str, items: list[list[Any]], options: dict[str, Any]) -> di
     }
 
 
-def _validated(app_id: Any, events: Any) -> list[dict[str, Any]]:
-    """Every event normalised, or :class:`InvalidEvent` with the messages of each bad one by its
-    place in the list."""
-    validate_app_id(app_id)
-    if not isinstance(events, list | tuple) or not events:
-        raise InvalidEvent({"events": ["Must be a non-empty list of events."]})
-    normalized: list[dict[str, Any]] = []
-    errors: dict[str, Any] = {}
-    for index, event in enumerate(events):
-        try:
-            normalized.append(validate_event(event))
-        except InvalidEvent as exc:
-            errors[str(index)] = exc.messages
-    if errors:
-        raise InvalidEvent(errors)
-    return normalized
-
-
 class SendEventsTask(SendEventTask):
     """Validates every event before publishing any; splits large lists into batches."""
 
-    def delay_on_commit(self, app_id: Any, events: Any, *, using: str | None = None) -> None:
+    def delay_on_commit(  # type: ignore[override]  # many events: their ids
+        self, app_id: Any, events: Any, *, using: str | None = None
+    ) -> list[str]:
         """Django: validate every event now (raising :class:`InvalidEvent` in the view), enqueue
-        the batch when the current database transaction commits, and never if it rolls back."""
-        normalized = _validated(app_id, events)
-        from django.db import transaction  # noqa: PLC0415 - Django is optional
+        the batch when the current database transaction commits, and never if it rolls back;
+        through the outbox when ``metrix_s2s.contrib.django`` is installed (see
+        :meth:`SendEventTask.delay_on_commit`). Returns the event ids."""
+        normalized = validate_events(app_id, events)
+        from ..contrib.django import commit  # noqa: PLC0415 - Django is optional
 
-        transaction.on_commit(lambda: self.delay(app_id, normalized), using=using)
+        return commit.on_commit(app_id, normalized, bulk=True, using=using)
 
     def apply_async(
         self,
@@ -99,8 +85,24 @@ class SendEventsTask(SendEventTask):
         if is_republish(options):  # a smaller batch going back after a retryable failure
             opts = _options(app_id, events, options)
             return super(SendEventTask, self).apply_async(args, kwargs, task_id, *more, **opts)
-        normalized = _validated(app_id, events)
-        items: list[list[Any]] = [[str(uuid.uuid4()), event] for event in normalized]
+        normalized = validate_events(app_id, events)
+        ids = [str(uuid.uuid4()) for _ in normalized]
+        return self.publish_batches(app_id, normalized, ids, task_id, *more, **options)
+
+    def publish_batches(
+        self,
+        app_id: str,
+        normalized: list[Any],
+        event_ids: list[str],
+        task_id: str | None = None,
+        *more: Any,
+        **options: Any,
+    ) -> Any:
+        """Publish events that :func:`~metrix_s2s.schema.validate_events` returned, each under
+        its id in ``event_ids``, in batches of ``METRIX_BULK_MAX`` (the first batch under
+        ``task_id``), and record them as pending: ``apply_async`` after validation, for the
+        outbox."""
+        items = [[event_id, event] for event_id, event in zip(event_ids, normalized, strict=True)]
         start_embedded_for(self.app.conf.broker_url)
         size = get_settings().bulk_max
         results = []

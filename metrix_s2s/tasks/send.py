@@ -109,14 +109,20 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
     serializer = "json"
     max_retries = None  # the retry budget is ours (attempts, retry window), not Celery's
 
-    def delay_on_commit(self, app_id: Any, event: Any, *, using: str | None = None) -> None:
+    def delay_on_commit(self, app_id: Any, event: Any, *, using: str | None = None) -> str:
         """Django: validate now (raising :class:`InvalidEvent` in the view), enqueue when the
-        current database transaction commits, and never if it rolls back."""
+        current database transaction commits, and never if it rolls back. Returns the event id.
+
+        With ``metrix_s2s.contrib.django`` installed, the event is written to the outbox in the
+        transaction and published after the commit, or by the relay if the broker is down then;
+        without it, a broker that cannot take the event after the commit is logged, not raised.
+        """
         validate_app_id(app_id)
         normalized = validate_event(event)
-        from django.db import transaction  # noqa: PLC0415 - Django is optional
+        from ..contrib.django import commit  # noqa: PLC0415 - Django is optional
 
-        transaction.on_commit(lambda: self.delay(app_id, normalized), using=using)
+        (event_id,) = commit.on_commit(app_id, [normalized], bulk=False, using=using)
+        return event_id
 
     def apply_async(
         self,
@@ -135,6 +141,14 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         validate_app_id(app_id)
         normalized = validate_event(event)
         event_id = task_id or str(uuid.uuid4())
+        return self.publish_validated(app_id, normalized, event_id, *more, **options)
+
+    def publish_validated(
+        self, app_id: str, normalized: Any, event_id: str, *more: Any, **options: Any
+    ) -> Any:
+        """Publish an event that :func:`~metrix_s2s.schema.validate_event` returned, under
+        ``event_id``, and record it as pending: ``apply_async`` after validation, for callers that
+        validated it themselves (the outbox, which validated it when it wrote the row)."""
         options.update(_display(app_id, normalized))
         start_embedded_for(self.app.conf.broker_url)
         try:

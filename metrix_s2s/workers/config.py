@@ -12,7 +12,15 @@ from typing import Any
 from kombu.entity import Queue
 
 from .. import settings as settings_module
-from ..names import BULK_TASK_NAME, QUEUE, RECONCILE_TASK, REDRIVE_TASK, TASK_NAME
+from ..contrib import django as django_outbox
+from ..names import (
+    BULK_TASK_NAME,
+    OUTBOX_RELAY_TASK,
+    QUEUE,
+    RECONCILE_TASK,
+    REDRIVE_TASK,
+    TASK_NAME,
+)
 from ..settings import Settings, get_settings
 from . import signals
 
@@ -110,11 +118,12 @@ def beat_schedule(settings: Settings | None = None) -> dict[str, Any]:
 def configure_app(app: Any, settings: Settings | None = None) -> Any:
     """Set up a project's own Celery app (Django, Flask) to run metrix-s2s: one call.
 
-    It includes ``metrix_s2s.tasks``, merges the recommended settings and the beat schedule into
-    the app's own (the project's transport options, routes, annotations and schedule entries are
-    kept; the visibility timeout is raised if the project's is too short for metrix-s2s's retry
-    waits), and points metrix-s2s's state (dead letters, ledger) at the app's broker when that is
-    Redis and ``METRIX_REDIS_URL`` is not set. Returns the app.
+    It includes ``metrix_s2s.tasks`` (and the outbox relay's periodic task when the Django outbox
+    app, :mod:`metrix_s2s.contrib.django`, is installed), merges the recommended settings and the
+    beat schedule into the app's own (the project's transport options, routes, annotations and
+    schedule entries are kept; the visibility timeout is raised if the project's is too short for
+    metrix-s2s's retry waits), and points metrix-s2s's state (dead letters, ledger) at the app's
+    broker when that is Redis and ``METRIX_REDIS_URL`` is not set. Returns the app.
     """
     s = (settings or get_settings()).for_broker(app.conf.broker_url or get_settings().broker_url)
     settings_module.configure(s)
@@ -136,16 +145,26 @@ def configure_app(app: Any, settings: Settings | None = None) -> Any:
         merged_annotations: Any = {**ours["task_annotations"], **(annotations or {})}
     else:
         merged_annotations = (ours["task_annotations"], *annotations)
+    schedule = beat_schedule(s)
+    modules = ["metrix_s2s.tasks"]
+    if django_outbox.in_installed_apps():
+        modules.append("metrix_s2s.contrib.django.tasks")
+        if s.outbox_relay_interval_s > 0:
+            # run by the project's own workers (they have its database): its default queue
+            schedule["metrix-s2s-outbox-relay"] = {
+                "task": OUTBOX_RELAY_TASK,
+                "schedule": s.outbox_relay_interval_s,
+                "options": {"expires": s.outbox_relay_interval_s},
+            }
     conf.update(
         {k: v for k, v in ours.items() if k not in _MERGED},
         broker_transport_options=transport,
         task_routes=merged_routes,
         task_annotations=merged_annotations,
-        beat_schedule={**beat_schedule(s), **(conf.beat_schedule or {})},
+        beat_schedule={**schedule, **(conf.beat_schedule or {})},
     )
     include = tuple(conf.include or ())
-    if "metrix_s2s.tasks" not in include:
-        conf.include = (*include, "metrix_s2s.tasks")
+    conf.include = (*include, *(m for m in modules if m not in include))
     signals.connect()
     return app
 

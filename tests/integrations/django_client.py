@@ -4,13 +4,16 @@ answers as one line of JSON.
 stdin: a JSON list of ``{"view": "purchase" | "purchase/rolled-back" | ..., "event": {...},
 "via": "client" | "server"}``. ``client`` goes through ``django.test.Client`` (in this thread);
 ``server`` through a real threaded WSGI server over HTTP (each request in a thread of its own).
-stdout: ``{"responses": [{"status", "body", "error"}...], "orders": [user ids in the database]}``.
+stdout: ``{"responses": [{"status", "body", "error"}...], "orders": [user ids in the database],
+"outbox": [event ids in the outbox table, when the outbox app is installed], "elapsed_s": the
+seconds the requests took}``.
 """
 
 import json
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 from webclient import as_json, post_over_http
@@ -22,6 +25,7 @@ def main() -> int:
     import django
 
     django.setup()
+    from django.apps import apps
     from django.core.management import call_command
     from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
     from django.core.wsgi import get_wsgi_application
@@ -33,6 +37,7 @@ def main() -> int:
     client = Client(raise_request_exception=False)
     server: ThreadedWSGIServer | None = None
     responses: list[dict[str, Any]] = []
+    started = time.monotonic()
     try:
         for request in requests:
             path = "/" + request["view"]
@@ -58,8 +63,18 @@ def main() -> int:
         if server is not None:
             server.shutdown()
             server.server_close()
+    elapsed = time.monotonic() - started
     orders = list(Order.objects.order_by("pk").values_list("user_id", flat=True))
-    print(json.dumps({"responses": responses, "orders": orders}))
+    outbox: list[str] | None = None
+    if apps.is_installed("metrix_s2s.contrib.django"):
+        from metrix_s2s.contrib.django.models import OutboxEvent
+
+        outbox = list(OutboxEvent.objects.values_list("event_id", flat=True))
+    print(
+        json.dumps(
+            {"responses": responses, "orders": orders, "outbox": outbox, "elapsed_s": elapsed}
+        )
+    )
     return 0
 
 

@@ -66,3 +66,27 @@ def purchase_batch_on_commit(request: HttpRequest) -> JsonResponse:
         follow_up = {**event, "eventSlug": "follow"}
         send_metrix_events.delay_on_commit(settings.METRIX_APP_ID, [event, follow_up])
     return _answer(order)
+
+
+def purchase_rolled_back_on_commit(request: HttpRequest) -> JsonResponse:
+    event = json.loads(request.body)
+    try:
+        with transaction.atomic():
+            Order.objects.create(user_id=event["metrixUserId"])
+            send_metrix_event.delay_on_commit(settings.METRIX_APP_ID, event)
+            raise PaymentDeclined
+    except PaymentDeclined:
+        return _answer(None, status=409)
+
+
+def purchases_on_commit(request: HttpRequest) -> JsonResponse:
+    """``{"count": n, **event}``: n orders in one transaction, one event each (``metrixUserId``
+    suffixed with the order's number)."""
+    body = json.loads(request.body)
+    count = body.pop("count")
+    with transaction.atomic():
+        for n in range(count):
+            event = {**body, "metrixUserId": f"{body['metrixUserId']}-{n}"}
+            order = Order.objects.create(user_id=event["metrixUserId"])
+            send_metrix_event.delay_on_commit(settings.METRIX_APP_ID, event)
+    return _answer(order)

@@ -1,0 +1,187 @@
+"""The SQLAlchemy outbox (``metrix_s2s.contrib.sqlalchemy``): a minimal Flask app
+(``tests/integrations/flask_outbox.py``) on SQLite, the local PostgreSQL and the local MariaDB,
+and the relay, ``metrix-s2s outbox relay``, each in a process of its own; a real worker delivers
+to the fake Metrix. A broker "outage" is a broker URL on a port where nothing listens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import APP_ID, Database, Worker, make_event, worker_env
+from fake_metrix import FakeMetrix
+from projects import EVENT_TIME, INTEGRATIONS, Project, queued, run_web
+from sqlalchemy import MetaData, create_engine, insert
+from sqlalchemy.orm import Session
+
+from metrix_s2s.contrib.sqlalchemy import Outbox
+from metrix_s2s.embedded import free_port
+
+pytestmark = pytest.mark.slow
+
+DOWN = f"redis://127.0.0.1:{free_port()}/0"
+
+
+def flask_project(redis_url: str, metrix_url: str, tmp_path: Path, db: Database, broker: str
+                  ) -> Project:  # fmt: skip
+    settings = {
+        "FLASK_CELERY__broker_url": broker,
+        "FLASK_METRIX_APP_ID": APP_ID,
+        "FLASK_DATABASE_URL": db.sqlalchemy_url,
+    }
+    return Project.make(redis_url, metrix_url, tmp_path, settings)
+
+
+def purchase(user: str, view: str = "purchase") -> dict[str, Any]:
+    return {"view": view, "event": make_event(metrixUserId=user, eventTime=EVENT_TIME)}
+
+
+def relay_command(redis_url: str, metrix_url: str, db: Database, *args: str
+                  ) -> subprocess.Popen[str]:  # fmt: skip
+    """``metrix-s2s outbox relay`` as an operator runs it, with the workers' environment."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "metrix_s2s.cli", "outbox", "relay",
+         "--database-url", db.sqlalchemy_url, *args],
+        env=worker_env(redis_url, metrix_url),
+        cwd=INTEGRATIONS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_a_flask_app_answers_through_an_outage_and_the_relay_delivers_each_event_once(
+    redis_url: str,
+    redis_client: redis.Redis,
+    fake_metrix: FakeMetrix,
+    database: Database,
+    tmp_path: Path,
+    start_worker: Callable[..., Worker],
+) -> None:
+    # Given a broker that is down, When 20 purchases commit and one rolls back
+    down = flask_project(redis_url, fake_metrix.url, tmp_path, database, DOWN)
+    requests = [purchase(f"buyer-{n}") for n in range(20)]
+    requests.insert(3, purchase("declined", view="purchase/rolled-back"))
+    out, stderr = run_web(down, "flask_outbox.py", *requests)
+    # Then every request was answered, quickly (the breaker), and nothing raised into a view
+    assert [r["status"] for r in out["responses"]] == [200] * 3 + [409] + [200] * 17
+    assert out["elapsed_s"] < 10, out["elapsed_s"]
+    assert stderr.count("not enqueued after commit") == 1, stderr
+    # And every committed order has its event in the outbox; the rolled-back one neither
+    assert sorted(out["orders"]) == sorted(f"buyer-{n}" for n in range(20))
+    ids = [r["body"]["event_id"] for r in out["responses"] if r["status"] == 200]
+    assert sorted(out["outbox"]) == sorted(ids)
+    assert redis_client.llen("metrix_s2s") == 0
+
+    # When the broker is back and the relay runs once
+    proc = relay_command(redis_url, fake_metrix.url, database, "--once", "--min-age", "0")
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(stdout.splitlines()[-1])
+    assert report == {"published": 20, "dead_lettered": 0, "kept": 0, "broker_error": None}
+    assert sorted(m["headers"]["id"] for m in queued(redis_client)) == sorted(ids)
+    assert database.query("SELECT event_id FROM metrix_s2s_outbox") == []
+    # Then a worker delivers each exactly once, the declined one never
+    start_worker(fake_metrix.url)
+    assert fake_metrix.wait_for(20, timeout=30), fake_metrix.stats()
+    assert not fake_metrix.wait_for(21, timeout=1)
+    users = Counter(r.body["metrixUserId"] for r in fake_metrix.requests)
+    assert users == Counter(f"buyer-{n}" for n in range(20))
+
+
+@pytest.mark.parametrize("database", ["sqlite3"], ids=["sqlite"], indirect=True)
+def test_with_the_broker_up_events_go_after_commit_and_a_rolled_back_savepoint_sends_nothing(
+    producer: Any, redis_client: redis.Redis, database: Database
+) -> None:
+    metadata = MetaData()
+    box = Outbox(metadata)
+    engine = create_engine(database.sqlalchemy_url)
+    metadata.create_all(engine)
+    # When one event is written in a transaction, one in a savepoint that rolls back, and a
+    # batch of two, and the transaction commits
+    with Session(engine) as session, session.begin():
+        kept = box.send_metrix_event(session, APP_ID, make_event(metrixUserId="kept"))
+        with pytest.raises(ZeroDivisionError), session.begin_nested():  # noqa: PT012
+            box.send_metrix_event(session, APP_ID, make_event(metrixUserId="dropped"))
+            _ = 1 / 0
+        batch = box.send_metrix_events(session, APP_ID, [make_event(), make_event()])
+        assert len(queued(redis_client)) == 0  # nothing before the commit
+    # Then the event and the batch were published under their ids, the rows deleted
+    messages = queued(redis_client)
+    assert [m["headers"]["id"] for m in messages][:1] == [kept]
+    assert messages[1]["headers"]["metrix_event_ids"] == batch
+    assert database.query("SELECT event_id FROM metrix_s2s_outbox") == []
+    # When a transaction rolls back, Then nothing is published and no row is left
+    with Session(engine) as session:
+        session.begin()
+        box.send_metrix_event(session, APP_ID, make_event(metrixUserId="rolled-back"))
+        session.rollback()
+    assert len(queued(redis_client)) == 2
+    assert database.query("SELECT event_id FROM metrix_s2s_outbox") == []
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "database", ["postgresql", "mysql"], ids=["postgresql", "mariadb"], indirect=True
+)
+def test_two_sqlalchemy_relays_racing_never_publish_one_row_twice(
+    redis_url: str, redis_client: redis.Redis, fake_metrix: FakeMetrix, database: Database
+) -> None:
+    # Given 400 rows in the outbox
+    metadata = MetaData()
+    box = Outbox(metadata)
+    engine = create_engine(database.sqlalchemy_url)
+    metadata.create_all(engine)
+    rows = [f"e-{n:04d}" for n in range(400)]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(box.table),
+            [{"event_id": i, "app_id": APP_ID, "event": make_event(), "created": _old(),
+              "attempts": 0, "last_error": ""} for i in rows],
+        )  # fmt: skip
+    engine.dispose()
+    # When two relays run at once, in batches of 10
+    procs = [
+        relay_command(redis_url, fake_metrix.url, database, "--once", "--batch-size", "10")
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    # Then each row was published exactly once between them
+    ids = Counter(m["headers"]["id"] for m in queued(redis_client))
+    assert sorted(ids) == rows
+    assert set(ids.values()) == {1}
+    assert database.query("SELECT event_id FROM metrix_s2s_outbox") == []
+
+
+def _old() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=1)
+
+
+def test_the_relay_command_says_what_is_wrong(
+    redis_url: str, fake_metrix: FakeMetrix, tmp_path: Path
+) -> None:
+    sqlite = Database("sqlite3", str(tmp_path / "none.sqlite3"))
+    # A URL SQLAlchemy cannot read is a usage error (2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metrix_s2s.cli", "outbox", "relay", "--database-url", "nope://x",
+         "--once"],
+        env=worker_env(redis_url, fake_metrix.url), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --database-url"), proc.stderr
+    # A database without the outbox table fails with one line (1)
+    relay = relay_command(redis_url, fake_metrix.url, sqlite, "--once")
+    _, err = relay.communicate(timeout=60)
+    assert relay.returncode == 1, err
+    assert err.startswith("error: the database failed"), err
+    assert "metrix_s2s_outbox" in err, err
