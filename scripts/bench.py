@@ -17,7 +17,11 @@ its PID when its measurement ends. Side by side, on the same Redis and the same 
 4. the bulk path, ``send_metrix_events.delay(app_id, events)`` in batches, against the per-event
    path, and a loop of ``requests.post`` on a Session with no Celery (near enough the fake
    server's own ceiling);
-5. each worker's peak memory: VmHWM of the process and of its children, at the end of its run.
+5. each worker's peak memory: VmHWM of the process and of its children, at the end of its run;
+6. the outbox's cost at the producer: a Django transaction that inserts an order and calls
+   ``send_metrix_event.delay_on_commit``, timed from ``atomic()`` to after the commit's publish,
+   with and without ``metrix_s2s.contrib.django`` installed (one process each, in turn), on SQLite
+   and on the local PostgreSQL (127.0.0.1:5432) when one answers.
 
 It prints a table, then one JSON line with every figure and ratio (``--json-only``: only that).
 ``--repeat N`` makes every end-to-end measurement N times, in turn, and reports the medians: on a
@@ -291,16 +295,27 @@ class Sizes:
     prefork_50ms_events: int
     sequential_50ms_events: int
     profile_events: int
+    outbox_transactions: int
     prefork: bool
     default_celery_e2e: bool
     informative: bool  # the end-to-end runs that are not about a target
 
 
 QUICK = Sizes(
-    200, 2, 250, 300, 60, 40, 300, prefork=False, default_celery_e2e=False, informative=False
+    200, 2, 250, 300, 60, 40, 300, 300, prefork=False, default_celery_e2e=False, informative=False
 )
 DEFAULT = Sizes(
-    300, 5, 1000, 2500, 500, 100, 1000, prefork=True, default_celery_e2e=True, informative=True
+    300,
+    5,
+    1000,
+    2500,
+    500,
+    100,
+    1000,
+    1000,
+    prefork=True,
+    default_celery_e2e=True,
+    informative=True,
 )
 
 
@@ -446,6 +461,40 @@ class Bench:
             ratio = result["metrix"]["p50_ms"] / result[base]["p50_ms"]
             result[f"p50_ratio_vs_{base}"] = round(ratio, 3)
         return result
+
+    # -- 6. the outbox's cost ----------------------------------------------------------------------
+
+    def outbox_cost(self, n: int, rounds: int = 2) -> dict[str, Any]:
+        """``delay_on_commit`` in a transaction, with and without the outbox app, on each database:
+        ``rounds`` processes of each variant, in turn; the medians of their p50s."""
+        result: dict[str, Any] = {"transactions": n, "rounds": rounds}
+        with bench_databases(self.tmp) as (databases, missing):
+            if missing:
+                result["missing"] = missing
+            for name, database in databases.items():
+                self.say(f"outbox: {name}, {rounds} x 2 processes of {n} transactions")
+                p50s: dict[str, list[float]] = {"without_outbox": [], "with_outbox": []}
+                for round_ in range(rounds):
+                    order = list(p50s) if round_ % 2 == 0 else list(reversed(p50s))
+                    for variant in order:
+                        self.flush()
+                        p50s[variant].append(self._outbox_child(database, variant, n))
+                row = {k: round(statistics.median(v), 3) for k, v in p50s.items()}
+                row["added_ms"] = round(row["with_outbox"] - row["without_outbox"], 3)
+                result[name] = row
+        self.flush()
+        return result
+
+    def _outbox_child(self, database: dict[str, Any], variant: str, n: int) -> float:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--outbox-child", variant, str(n), str(max(50, n // 10))],
+            env=self.env | {"BENCH_DATABASE": json.dumps(database)},
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise BenchError(f"outbox measurement failed: {proc.stderr[-2000:]}")
+        p50: float = json.loads(proc.stdout.splitlines()[-1])["p50_ms"]
+        return p50
 
     # -- 2-5. end to end ---------------------------------------------------------------------------
 
@@ -750,6 +799,99 @@ def requests_loop_main(n: int, threads: int) -> int:
     return 0
 
 
+# -- the outbox's cost, in a process of its own per database and variant --------------------------
+
+#: The outbox measurement's databases, as Django's DATABASES entries; PostgreSQL when it answers.
+BENCH_PG_DATABASE = "metrix_s2s_bench"
+
+
+def outbox_child_main(with_outbox: bool, n: int, warmup: int) -> int:
+    """Time ``n`` transactions (one INSERT and ``delay_on_commit``) after ``warmup`` of them, on the
+    Django database in ``BENCH_DATABASE``; print the p50 and p99."""
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        INSTALLED_APPS=["metrix_s2s.contrib.django"] if with_outbox else [],
+        DATABASES={"default": json.loads(os.environ["BENCH_DATABASE"])},
+        USE_TZ=True,
+    )
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection, transaction
+
+    from metrix_s2s import send_metrix_event
+
+    if with_outbox:
+        call_command("migrate", "metrix_s2s", verbosity=0)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TABLE IF NOT EXISTS bench_orders (id VARCHAR(32) PRIMARY KEY, user_id TEXT)"
+        )
+    event = make_event(0, "outbox")
+
+    def one() -> None:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO bench_orders (id, user_id) VALUES (%s, %s)",
+                    [uuid.uuid4().hex, "u"],
+                )
+            send_metrix_event.delay_on_commit(APP_ID, event)
+
+    for _ in range(warmup):
+        one()
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - started)
+    if with_outbox:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM metrix_s2s_outbox")
+            left = cursor.fetchone()[0]
+        if left:
+            print(f"outbox: {left} rows left after the run", file=sys.stderr)
+            return 1
+    print(
+        json.dumps({"p50_ms": percentile(times, 50) * 1000, "p99_ms": percentile(times, 99) * 1000})
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def bench_databases(tmp: Path) -> Any:
+    """SQLite in ``tmp``, and a database of its own on the local PostgreSQL when one answers
+    (dropped at the end): name -> Django's DATABASES entry; and why PostgreSQL is missing."""
+    databases: dict[str, dict[str, Any]] = {
+        "sqlite": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp / "outbox.sqlite3")}
+    }
+    missing = None
+    admin = None
+    try:
+        import psycopg
+
+        admin = psycopg.connect(
+            host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True,
+            connect_timeout=3,
+        )  # fmt: skip
+        admin.execute(f"DROP DATABASE IF EXISTS {BENCH_PG_DATABASE}")
+        admin.execute(f"CREATE DATABASE {BENCH_PG_DATABASE}")
+        databases["postgresql"] = {
+            "ENGINE": "django.db.backends.postgresql", "NAME": BENCH_PG_DATABASE,
+            "HOST": "127.0.0.1", "PORT": 5432, "USER": "postgres",
+        }  # fmt: skip
+    except Exception as exc:
+        missing = f"PostgreSQL on 127.0.0.1:5432 not measured: {type(exc).__name__}: {exc}"
+    try:
+        yield databases, missing
+    finally:
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                admin.execute(f"DROP DATABASE IF EXISTS {BENCH_PG_DATABASE}")
+            admin.close()
+
+
 # -- the whole run ---------------------------------------------------------------------------------
 
 
@@ -864,6 +1006,7 @@ def run_all(bench: Bench, quick: bool, repeat: int) -> dict[str, Any]:
         bench.requests_loop(n, BULK_CONCURRENCY, 0.0),
         bench.requests_loop(n, BULK_CONCURRENCY, 0.05),
     ]
+    result["outbox"] = bench.outbox_cost(s.outbox_transactions)
     result["in_process"] = bench.worker_side_cost(s.profile_events)
     result["in_process"]["profile_enqueue"] = bench.enqueue_profile(s.profile_events)
     result["ratios"], result["targets"] = ratios_and_targets(result)
@@ -964,6 +1107,9 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
         else:
             key = f"e2e_{run['pool']}{run['concurrency']}_metrix_50ms"
             put(f"{key}_vs_threads{THREADS}_0ms", run["events_per_s"], single0)
+    for name in ("sqlite", "postgresql"):
+        if name in result.get("outbox", {}):
+            ratios[f"outbox_added_p50_ms_{name}"] = result["outbox"][name]["added_ms"]
     wanted = [
         ("enqueue_p50_metrix_vs_bare_same_config", "<=", 1.3),
         (f"e2e_threads{THREADS}_0ms_metrix_vs_bare", ">=", 0.85),
@@ -972,6 +1118,8 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
         ("e2e_prefork2_50ms_metrix_vs_bare", ">=", 0.85),
         (f"e2e_threads{THREADS}_metrix_50ms_vs_0ms", ">=", 0.8),
         (f"bulk_vs_per_event_threads{THREADS}_50ms", ">=", 3.0),
+        ("outbox_added_p50_ms_sqlite", "<=", 1.0),
+        ("outbox_added_p50_ms_postgresql", "<=", 1.0),
     ]
     targets: dict[str, Any] = {}
     for key, op, bound in wanted:
@@ -1031,6 +1179,7 @@ def render(result: dict[str, Any], argv: list[str]) -> str:
             f"  {what:<11} {r['latency_ms']:>4} ms  {'requests.post loop':<42} {r['events']:>6} "
             f"{r['events_per_s']:>9.1f}"
         )
+    _render_outbox(result["outbox"], out)
     _render_in_process(result["in_process"], out)
     add("")
     add("Targets")
@@ -1089,6 +1238,24 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
         )
 
 
+def _render_outbox(o: dict[str, Any], out: list[str]) -> None:
+    out.append("")
+    out.append(
+        f"Outbox: a Django transaction (one INSERT) with send_metrix_event.delay_on_commit, "
+        f"p50 ms over {o['transactions']} transactions (median of {o['rounds']} processes each)"
+    )
+    out.append(f"  {'database':<12} {'without outbox':>15} {'with outbox':>12} {'added':>8}")
+    for name in ("sqlite", "postgresql"):
+        if name in o:
+            r = o[name]
+            out.append(
+                f"  {name:<12} {r['without_outbox']:>15.3f} {r['with_outbox']:>12.3f} "
+                f"{r['added_ms']:>+8.3f}"
+            )
+    if "missing" in o:
+        out.append(f"  ({o['missing']})")
+
+
 def _render_in_process(p: dict[str, Any], out: list[str]) -> None:
     add = out.append
     add("")
@@ -1129,6 +1296,9 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["--requests-loop"]:
         return requests_loop_main(int(args_list[1]), int(args_list[2]))
+    if args_list[:1] == ["--outbox-child"]:
+        variant, n, warmup = args_list[1], int(args_list[2]), int(args_list[3])
+        return outbox_child_main(variant == "with_outbox", n, warmup)
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Benchmark metrix-s2s against bare Celery on 127.0.0.1: enqueue, end to end, "

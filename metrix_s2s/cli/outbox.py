@@ -24,8 +24,7 @@ def outbox() -> None:
     "--database-url",
     required=True,
     metavar="URL",
-    envvar="METRIX_OUTBOX_DATABASE_URL",
-    help="SQLAlchemy URL of the project's database (or METRIX_OUTBOX_DATABASE_URL)",
+    help="the SQLAlchemy URL of the project's database",
 )
 @click.option("--table", default=TABLE_NAME, show_default=True, help="the outbox table")
 @click.option("--once", is_flag=True, help="one run, then exit")
