@@ -150,26 +150,32 @@ def publish_committed(
     when they were published. Never raises: a publish that fails, or that the breaker holds back,
     leaves the rows to the relay; a delete that fails leaves a row the relay publishes again (the
     ledger stops a second delivery)."""
-    ids = ", ".join(map(one_line, event_ids[:3])) + (", ..." if len(event_ids) > 3 else "")
+    ids = (
+        ("event " if len(event_ids) == 1 else "events ")
+        + ", ".join(map(one_line, event_ids[:3]))
+        + (f" (+{len(event_ids) - 3} more)" if len(event_ids) > 3 else "")
+    )
     if not BREAKER.allows():
-        logger.info("events %s for app %s: kept in the outbox for the relay (broker failing)",
+        logger.info("%s for app %s: kept in the outbox for the relay (broker failing)",
                     ids, one_line(app_id))  # fmt: skip
         return False
     try:
         publish(app_id, event_ids, events, bulk=bulk)
     except EnqueueError as exc:
         wait = BREAKER.failed()
+        why = exc.__cause__ or exc
         logger.warning(
-            "events %s for app %s: not enqueued after commit (%s); kept in the outbox for the "
+            "%s for app %s: not enqueued after commit (%s); kept in the outbox for the "
             "relay, and new events go there for %.0fs",
             ids,
             one_line(app_id),
-            exc,
+            f"{type(why).__name__}: {why}",
             wait,
         )
         return False
     except Exception:
-        logger.exception("events %s for app %s: not enqueued after commit; kept in the outbox "
+        BREAKER.failed()  # a probe that failed this way must not leave the breaker waiting
+        logger.exception("%s for app %s: not enqueued after commit; kept in the outbox "
                          "for the relay", ids, one_line(app_id))  # fmt: skip
         return False
     BREAKER.succeeded()
@@ -177,7 +183,7 @@ def publish_committed(
         delete(event_ids)
     except Exception as exc:
         logger.warning(
-            "events %s for app %s: enqueued, but their outbox rows remain (%s); the relay will "
+            "%s for app %s: enqueued, but the outbox still holds them (%s); the relay will "
             "publish them again and the ledger will deliver them once",
             ids,
             one_line(app_id),

@@ -96,4 +96,23 @@ def test_rows_are_deleted_once_published_and_a_failed_delete_is_only_logged(
         raise OSError("database gone")
 
     assert outbox.publish_committed("app", ["c"], [{}], bulk=False, delete=broken_delete)
-    assert any("outbox rows remain" in r.getMessage() for r in caplog.records)
+    assert any("the outbox still holds them" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_error_in_a_probe_opens_the_breaker_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    breaker = Breaker(open_s=5, clock=clock)
+    monkeypatch.setattr(outbox, "BREAKER", breaker)
+
+    def broken(app_id: str, ids: Sequence[str], events: Sequence[Any], *, bulk: bool) -> None:
+        raise RuntimeError("a bug, not the broker")
+
+    monkeypatch.setattr(outbox, "publish", broken)
+    assert not outbox.publish_committed("app", ["a"], [{}], bulk=False, delete=print)
+    clock.now += 5.1
+    # the probe fails the same way: the breaker opens again, for longer, and is not stuck
+    assert not outbox.publish_committed("app", ["b"], [{}], bulk=False, delete=print)
+    clock.now += 10.1
+    assert breaker.allows()
