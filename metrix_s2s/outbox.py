@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from .errors import EnqueueError, InvalidEvent
 from .logs import one_line
 from .names import BULK_TASK_NAME, TASK_NAME
@@ -150,11 +148,7 @@ def publish_committed(
     when they were published. Never raises: a publish that fails, or that the breaker holds back,
     leaves the rows to the relay; a delete that fails leaves a row the relay publishes again (the
     ledger stops a second delivery)."""
-    ids = (
-        ("event " if len(event_ids) == 1 else "events ")
-        + ", ".join(map(one_line, event_ids[:3]))
-        + (f" (+{len(event_ids) - 3} more)" if len(event_ids) > 3 else "")
-    )
+    ids = _ids(event_ids)
     if not BREAKER.allows():
         logger.info("%s for app %s: kept in the outbox for the relay (broker failing)",
                     ids, one_line(app_id))  # fmt: skip
@@ -164,6 +158,10 @@ def publish_committed(
     except EnqueueError as exc:
         wait = BREAKER.failed()
         why = exc.__cause__ or exc
+        not_queued = set(exc.event_ids or event_ids)
+        queued = [event_id for event_id in event_ids if event_id not in not_queued]
+        if queued:  # the batches of a bulk publish before the one that failed
+            _delete_quietly(delete, queued, app_id)
         logger.warning(
             "%s for app %s: not enqueued after commit (%s); kept in the outbox for the "
             "relay, and new events go there for %.0fs",
@@ -179,17 +177,32 @@ def publish_committed(
                          "for the relay", ids, one_line(app_id))  # fmt: skip
         return False
     BREAKER.succeeded()
+    _delete_quietly(delete, event_ids, app_id)
+    return True
+
+
+def _delete_quietly(
+    delete: Callable[[Sequence[str]], None], event_ids: Sequence[str], app_id: str
+) -> None:
     try:
         delete(event_ids)
     except Exception as exc:
         logger.warning(
             "%s for app %s: enqueued, but the outbox still holds them (%s); the relay will "
             "publish them again and the ledger will deliver them once",
-            ids,
+            _ids(event_ids),
             one_line(app_id),
             exc,
         )
-    return True
+
+
+def _ids(event_ids: Sequence[str]) -> str:
+    """``event <id>`` or ``events <id>, <id>, <id> (+n more)``, for a log line."""
+    return (
+        ("event " if len(event_ids) == 1 else "events ")
+        + ", ".join(map(one_line, event_ids[:3]))
+        + (f" (+{len(event_ids) - 3} more)" if len(event_ids) > 3 else "")
+    )
 
 
 @dataclass
@@ -261,7 +274,7 @@ def relay_batch(rows: Sequence[Row]) -> Relayed:
         except _BadRow as bad:
             try:
                 _dead_letter(row, bad)
-            except redis.RedisError as exc:
+            except Exception as exc:  # Redis down, say: kept, and the others go on
                 relayed.failed[row.event_id] = f"{bad}; not dead-lettered: {exc}"
                 report.kept += 1
                 continue
@@ -277,6 +290,11 @@ def relay_batch(rows: Sequence[Row]) -> Relayed:
             logger.warning("outbox relay: the broker did not take event %s (%s); stopping",
                            one_line(row.event_id), exc)  # fmt: skip
             break
+        except Exception as exc:  # anything else is this row's: kept, and the others go on
+            logger.exception("outbox relay: event %s not published", one_line(row.event_id))
+            relayed.failed[row.event_id] = f"{type(exc).__name__}: {exc}"
+            report.kept += 1
+            continue
         relayed.done.append(row.event_id)
         report.published += 1
     return relayed
@@ -337,7 +355,7 @@ def run_relay(
         except Exception:  # the database is down, say: try again, never end the relay
             logger.exception("outbox relay: the run failed; trying again")
             report = RelayReport(broker_error="the run failed")
-        failures = failures + 1 if report.broker_error else 0
+        failures = min(failures + 1, 10) if report.broker_error else 0
         if report.published or report.dead_lettered:
             logger.info("outbox relay: %s", report.summary())
         stop.wait(min(interval_s * 2**failures, BREAKER_MAX_OPEN_S))

@@ -232,6 +232,9 @@ def validate_event(event: Any, *, now: int | None = None) -> dict[str, Any]:
     event_time = loaded.setdefault("eventTime", reference)
     if event_time > reference + MAX_FUTURE_SKEW_MS:
         raise InvalidEvent({"eventTime": [f"{event_time} is more than 24 hours in the future."]})
+    if _has_nul(loaded):
+        # PostgreSQL's json refuses it (an outbox row), and no Metrix field needs it
+        raise InvalidEvent({"_schema": ["The event has text with a NUL character (\\u0000)."]})
     try:
         size = len(json.dumps(loaded, separators=(",", ":"), ensure_ascii=False).encode())
     except UnicodeEncodeError:
@@ -242,6 +245,16 @@ def validate_event(event: Any, *, now: int | None = None) -> dict[str, Any]:
 
 
 _SCHEMA = EventSchema()
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def validate_events(app_id: Any, events: Any) -> list[dict[str, Any]]:

@@ -116,3 +116,82 @@ def test_an_unexpected_error_in_a_probe_opens_the_breaker_again(
     assert not outbox.publish_committed("app", ["b"], [{}], bulk=False, delete=print)
     clock.now += 10.1
     assert breaker.allows()
+
+
+class _Task:
+    """The producer's send task, at the seam: records what it publishes, or fails on command."""
+
+    def __init__(self, fail: dict[str, BaseException]) -> None:
+        self.fail = fail
+        self.published: list[str] = []
+
+    def publish_validated(self, app_id: str, event: Any, event_id: str) -> None:
+        if event_id in self.fail:
+            raise self.fail[event_id]
+        self.published.append(event_id)
+
+
+def _relay_with(monkeypatch: pytest.MonkeyPatch, task: _Task, dead_letter: Any) -> outbox.Relayed:
+    from types import SimpleNamespace
+
+    from conftest import APP_ID, make_event
+
+    from metrix_s2s.names import TASK_NAME
+
+    monkeypatch.setattr(outbox, "producer_app", lambda: SimpleNamespace(tasks={TASK_NAME: task}))
+    monkeypatch.setattr(outbox, "_dead_letter", dead_letter)
+    rows = [
+        outbox.Row("bad", APP_ID, {"not": "an event"}),
+        outbox.Row("odd", APP_ID, make_event()),
+        outbox.Row("good", APP_ID, make_event()),
+        outbox.Row("down", APP_ID, make_event()),
+        outbox.Row("after", APP_ID, make_event()),
+    ]
+    return outbox.relay_batch(rows)
+
+
+def test_a_row_that_cannot_be_dead_lettered_or_published_is_kept_and_the_others_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def store_down(row: outbox.Row, bad: Exception) -> None:
+        raise ConnectionError("Redis is down")
+
+    task = _Task({"odd": TypeError("not JSON serializable"), "down": EnqueueError("down")})
+    relayed = _relay_with(monkeypatch, task, store_down)
+    # the invalid row and the odd one are kept with their errors; the good one is published;
+    # the broker's failure ends the batch, and the row after it is left as it was
+    assert task.published == ["good"]
+    assert relayed.done == ["good"]
+    assert set(relayed.failed) == {"bad", "odd", "down"}
+    assert "not dead-lettered: Redis is down" in relayed.failed["bad"]
+    assert "TypeError" in relayed.failed["odd"]
+    assert relayed.report.summary() == {
+        "published": 1, "dead_lettered": 0, "kept": 3, "broker_error": "down"
+    }  # fmt: skip
+
+
+def test_the_relay_backs_off_while_it_fails_and_never_overflows() -> None:
+    import threading
+
+    runs = []
+    stop = threading.Event()
+
+    def once() -> outbox.RelayReport:
+        runs.append(1)
+        if len(runs) >= 1100:
+            stop.set()
+        return outbox.RelayReport(broker_error="down")
+
+    waits: list[float] = []
+
+    class Stop:
+        def is_set(self) -> bool:
+            return stop.is_set()
+
+        def wait(self, seconds: float) -> None:
+            waits.append(seconds)
+
+    outbox.run_relay(once, interval_s=2, stop=Stop())  # type: ignore[arg-type]
+    assert waits[:3] == [4, 8, 16]
+    assert max(waits) == outbox.BREAKER_MAX_OPEN_S
+    assert len(runs) == 1100

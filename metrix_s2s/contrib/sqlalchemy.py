@@ -35,6 +35,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -84,9 +85,11 @@ def outbox_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
         Column("event_id", String(64), primary_key=True),
         Column("app_id", String(128), nullable=False),
         Column("event", JSON, nullable=False),
-        Column("created", _TIMESTAMP, nullable=False, index=True),
+        Column("created", _TIMESTAMP, nullable=False),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", Text, nullable=False, default=""),
+        # the relay's order: rows not yet tried, oldest first, then those that failed
+        Index(f"{name}_order", "attempts", "created"),
     )
 
 
@@ -153,6 +156,7 @@ class Outbox:
         if not real.info.get(_LISTENING):
             event.listen(real, "after_commit", _after_commit)
             event.listen(real, "after_soft_rollback", _after_rollback)
+            event.listen(real, "after_transaction_end", _after_transaction_end)
             real.info[_LISTENING] = True
         return event_ids
 
@@ -171,6 +175,8 @@ class Outbox:
         """Publish the rows at least ``min_age_s`` old, oldest first, ``batch_size`` at a time,
         each batch locked, published and deleted in one transaction."""
 
+        cutoff = _utcnow() - timedelta(seconds=min_age_s)
+
         def step() -> tuple[int, Relayed]:
             with bind.connect() as conn:
                 if conn.dialect.name in ("mysql", "mariadb"):
@@ -178,19 +184,18 @@ class Outbox:
                     # COMMITTED locks only the rows taken (reset when the connection is returned)
                     conn.execution_options(isolation_level="READ COMMITTED")
                 with conn.begin():
-                    locked, relayed = self._relay_locked(conn, batch_size, min_age_s)
+                    locked, relayed = self._relay_locked(conn, batch_size, cutoff)
             return locked, relayed
 
         return relay_batches(step, batch_size=batch_size, max_batches=max_batches)
 
-    def _relay_locked(self, conn: Connection, batch_size: int, min_age_s: float
+    def _relay_locked(self, conn: Connection, batch_size: int, cutoff: datetime
                       ) -> tuple[int, Relayed]:  # fmt: skip
         t = self.table
-        cutoff = _utcnow() - timedelta(seconds=min_age_s)
         locked = conn.execute(
             select(t.c.event_id, t.c.app_id, t.c.event)
             .where(t.c.created <= cutoff)
-            .order_by(t.c.created, t.c.event_id)
+            .order_by(t.c.attempts, t.c.created, t.c.event_id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
         ).all()
@@ -207,6 +212,8 @@ class Outbox:
 
 
 def _after_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint released: the transaction may still roll back
     written: list[_Written] = session.info.pop(_PENDING, [])
     for w in written:
         bind = session.get_bind(clause=w.outbox.table)
@@ -228,6 +235,13 @@ def _after_rollback(session: Session, previous: SessionTransaction) -> None:
     if kept:
         session.info[_PENDING] = kept
     else:
+        session.info.pop(_PENDING, None)
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    """The session's outermost transaction ended (committed, after :func:`_after_commit`; rolled
+    back; or the session closed): nothing written in it is left to publish."""
+    if transaction.parent is None and not transaction.nested:
         session.info.pop(_PENDING, None)
 
 

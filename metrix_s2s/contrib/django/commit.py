@@ -62,9 +62,16 @@ def publish_or_log(app_id: str, event_ids: list[str], events: Sequence[Any], bul
                 why,
                 APP_NAME,
             )
-    except Exception:
-        logger.exception(
-            "events %s for app %s were not enqueued after their transaction committed",
-            ", ".join(event_ids),
-            one_line(app_id),
-        )
+    except Exception as exc:
+        for event_id in event_ids:
+            logger.error(
+                "event %s for app %s was not enqueued after its transaction committed (%s: "
+                "%s); it is in no queue. Add %r to INSTALLED_APPS to keep events in a "
+                "transactional outbox",
+                one_line(event_id),
+                one_line(app_id),
+                type(exc).__name__,
+                exc,
+                APP_NAME,
+                exc_info=exc,
+            )

@@ -4,17 +4,17 @@ published, and relay what is left (:func:`relay_once`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections, router, transaction
+from django.db import close_old_connections, connections, router, transaction
 from django.db.models import F
-from django.utils import timezone
 
 from ...outbox import (
     MAX_BATCHES_PER_RUN,
     RELAY_BATCH_SIZE,
     RELAY_MIN_AGE_S,
+    TABLE_NAME,
     Relayed,
     RelayReport,
     Row,
@@ -22,7 +22,7 @@ from ...outbox import (
     relay_batch,
     relay_batches,
 )
-from .models import OutboxEvent
+from .models import OutboxEvent, utcnow
 
 
 def write(alias: str, app_id: str, event_ids: Sequence[str], events: Sequence[Any]) -> None:
@@ -46,11 +46,38 @@ def relay_once(
     min_age_s: float = RELAY_MIN_AGE_S,
     max_batches: int | None = MAX_BATCHES_PER_RUN,
 ) -> RelayReport:
-    """Publish the rows at least ``min_age_s`` old, oldest first, ``batch_size`` at a time: each
-    batch locked (``FOR UPDATE SKIP LOCKED`` where the database has it), published, and deleted
-    in one transaction (:func:`metrix_s2s.outbox.relay_batches`)."""
-    alias = using or router.db_for_write(OutboxEvent) or DEFAULT_DB_ALIAS
+    """Publish the rows written at least ``min_age_s`` before this call, ``batch_size`` at a
+    time, on the database ``using``, or on every database that has the outbox table: rows not yet
+    tried first, oldest first, then those that failed. Each batch is locked (``FOR UPDATE SKIP
+    LOCKED`` where the database has it), published and deleted in one transaction
+    (:func:`metrix_s2s.outbox.relay_batches`)."""
     close_old_connections()
+    cutoff = utcnow() - timedelta(seconds=min_age_s)
+    report = RelayReport()
+    for alias in [using] if using else outbox_databases():
+        report.add(_relay_alias(alias, cutoff, batch_size, max_batches))
+        if report.broker_error:
+            break
+    return report
+
+
+def outbox_databases() -> list[str]:
+    """The database aliases the outbox may live on (the routers allow its migration) and whose
+    table exists."""
+    aliases = []
+    for alias in connections:
+        if not router.allow_migrate_model(alias, OutboxEvent):
+            continue
+        with connections[alias].cursor() as cursor:
+            tables = connections[alias].introspection.table_names(cursor)
+        if TABLE_NAME in tables:
+            aliases.append(alias)
+    return aliases
+
+
+def _relay_alias(
+    alias: str, cutoff: datetime, batch_size: int, max_batches: int | None
+) -> RelayReport:
     rows = OutboxEvent.objects.using(alias)
 
     def step() -> tuple[int, Relayed]:
@@ -61,11 +88,10 @@ def relay_once(
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         with transaction.atomic(using=alias):
-            cutoff = timezone.now() - timedelta(seconds=min_age_s)
             locked = list(
                 rows.select_for_update(skip_locked=True)
                 .filter(created__lte=cutoff)
-                .order_by("created", "event_id")
+                .order_by("attempts", "created", "event_id")
                 .values_list("event_id", "app_id", "event")[:batch_size]
             )
             relayed = relay_batch([Row(*row) for row in locked])
@@ -78,10 +104,3 @@ def relay_once(
         return len(locked), relayed
 
     return relay_batches(step, batch_size=batch_size, max_batches=max_batches)
-
-
-def pending_count(using: str | None = None) -> int:
-    """Rows in the outbox."""
-    alias = using or router.db_for_read(OutboxEvent) or DEFAULT_DB_ALIAS
-    count: int = OutboxEvent.objects.using(alias).count()
-    return count

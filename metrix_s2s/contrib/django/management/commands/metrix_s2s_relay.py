@@ -24,8 +24,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--once", action="store_true", help="one run, then exit")
-        parser.add_argument("--database", default=None, help="the database alias (default: the "
-                            "one the routers give for writes)")  # fmt: skip
+        parser.add_argument("--database", default=None, help="the database alias (default: every "
+                            "one that has the outbox table)")  # fmt: skip
         parser.add_argument("--batch-size", type=int, default=RELAY_BATCH_SIZE)
         parser.add_argument(
             "--min-age",
@@ -55,6 +55,11 @@ class Command(BaseCommand):
             if report.broker_error:
                 raise CommandError(f"the broker did not take the events: {report.broker_error}",
                                    returncode=EXIT_BROKER)  # fmt: skip
+            if report.kept:
+                raise CommandError(
+                    f"{report.kept} rows could not be published or dead-lettered (their "
+                    "last_error says why); they stay in the outbox"
+                )
             return
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
