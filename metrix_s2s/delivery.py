@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from . import verdicts
+from . import metrics, verdicts
 from .client import DEFAULT_POOL_SIZE, MetrixClient
 from .ledger import Claim, Finish, FinishMode, Limits
 from .logs import log_outcome
@@ -164,7 +164,9 @@ class Deliverer:
             return verdicts.defer(self.settings, 0, why="late", rand=self.rand)
         started = time.perf_counter()
         outcome = self.http.send(app.app_id, app.dev_key, event)
-        return outcome, (time.perf_counter() - started) * 1000
+        seconds = time.perf_counter() - started
+        metrics.count_exchange(app.app_id, outcome, seconds, self.settings)
+        return outcome, seconds * 1000
 
     def decided(
         self,
@@ -273,7 +275,8 @@ class Deliverer:
         return verdict
 
     def log(self, app_id: Any, event_id: str, verdict: Verdict, latency_ms: float = 0.0) -> None:
-        """The one log line of an attempt's verdict."""
+        """The one log line of an attempt's verdict, and its count in the metrics."""
+        metrics.count_verdict(app_id, verdict, self.settings)
         label, level = verdict.action.value, logging.INFO
         if verdict.action is Action.RETRY:
             level = logging.WARNING

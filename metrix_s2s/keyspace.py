@@ -27,6 +27,8 @@ key                          type    owner    what it holds
 ``P:redriven``               hash    dlq      event id -> times re-driven; kept until delivered
 ``P:lock:{name}``            string  locks    a periodic run's lock (``redrive``, ``reconcile``)
 ``P:probe``                  string  workers  a starting worker's write check (TTL 1 s)
+``P:last_run:{task}``        string  ops      unix time of the last periodic run (``redrive``,
+                                              ``reconcile``), for the exporter and ``health``
 ===========================  ======  =======  =====================================================
 
 The owners: the delivery ledger (:mod:`metrix_s2s.ledger`), the dead-letter store (``dlq``,
@@ -150,3 +152,7 @@ class Keyspace:
     def probe(self) -> str:
         """A key a starting worker writes to learn whether Redis takes writes."""
         return self._key("probe")
+
+    def last_run(self, task: str) -> str:
+        """When the periodic ``task`` (``redrive``, ``reconcile``) last ran."""
+        return self._key("last_run", task)

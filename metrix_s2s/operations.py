@@ -7,6 +7,11 @@ Both re-enqueue through :func:`enqueue_event`, which publishes exactly as a prod
 
 from __future__ import annotations
 
+import logging
+import time
+
+import redis
+
 from .names import QUEUE
 from .producer import enqueue_event
 from .reconcile import Reconciler
@@ -15,7 +20,26 @@ from .redrive import Redriver
 from .settings import Settings, get_settings, is_redis_url
 from .stores import get_dead_letters, get_ledger
 
-__all__ = ["enqueue_event", "reconciler", "redriver"]
+__all__ = ["enqueue_event", "last_runs", "reconciler", "record_run", "redriver"]
+
+logger = logging.getLogger("metrix_s2s.operations")
+
+
+def record_run(task: str, settings: Settings | None = None) -> None:
+    """Note that the periodic ``task`` (``redrive``, ``reconcile``) ran now, for the exporter and
+    ``metrix-s2s health --beat``; a Redis that cannot take it only costs that note."""
+    ledger = get_ledger(settings)
+    try:
+        ledger.redis.set(ledger.keys.last_run(task), f"{time.time():.3f}")
+    except redis.RedisError as exc:
+        logger.warning("could not note the %s run (%s)", task, exc)
+
+
+def last_runs(tasks: tuple[str, ...], settings: Settings | None = None) -> dict[str, float | None]:
+    """When each periodic task last ran (unix time), or ``None``."""
+    ledger = get_ledger(settings)
+    raw = ledger.redis.mget([ledger.keys.last_run(task) for task in tasks])
+    return {task: float(v) if v is not None else None for task, v in zip(tasks, raw, strict=True)}
 
 
 def redriver(settings: Settings | None = None) -> Redriver:

@@ -53,6 +53,9 @@ Variables (defaults in parentheses):
 ``METRIX_BULK_MAX``          most events in one ``send_metrix_events`` message (500)
 ``METRIX_BULK_CONCURRENCY``  events of batches in flight at once per worker process (64)
 ``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
+``METRIX_METRICS_PORT``      a worker serves Prometheus metrics at ``/metrics`` on this port (off)
+``METRIX_METRICS_DIR``       prefork workers: prometheus-client's multiprocess directory, emptied
+                             when the worker starts (a temporary directory per port)
 ``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
 ===========================  ======================================================================
 """
@@ -187,6 +190,8 @@ class Settings:
     outbox_relay_interval_s: float = 10.0
     pending_max_age_s: float = 900.0
     log_format: str = "text"
+    metrics_port: int | None = None
+    metrics_dir: str = ""
     bulk_max: int = 500
     bulk_concurrency: int = 64
     #: Whether metrix-s2s runs on its embedded Redis (no broker configured), and where it lives.
@@ -365,6 +370,8 @@ class Settings:
             embedded=embedded,
             data_dir=data_dir,
             log_format=_choice(env, "METRIX_LOG_FORMAT", ("text", "json")),
+            metrics_port=_port(env, "METRIX_METRICS_PORT"),
+            metrics_dir=env.get("METRIX_METRICS_DIR") or "",
             bulk_max=reader.int("METRIX_BULK_MAX", cls.bulk_max, minimum=1),
             bulk_concurrency=reader.int("METRIX_BULK_CONCURRENCY", cls.bulk_concurrency, minimum=1),
         )
@@ -452,6 +459,15 @@ def parse_apps(raw: str) -> dict[str, AppConfig]:
             app_id=app_id, dev_key=dev_key.strip(), rate_limit=rate_limit, burst=burst
         )
     return apps
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigurationError(f"{name}: {raw!r} is not a TCP port (1-65535)")
+    return int(raw)
 
 
 class _EnvReader:

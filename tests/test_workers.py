@@ -39,8 +39,9 @@ def test_the_own_app_has_the_reliability_settings() -> None:
     assert conf.worker_prefetch_multiplier == 1
     assert conf.accept_content == ["json"]
     assert conf.task_ignore_result is True
-    assert conf.worker_send_task_events is True
-    assert conf.task_send_sent_event is True
+    # task events on demand: Flower turns them on in the workers it watches
+    assert conf.worker_send_task_events is False
+    assert conf.task_send_sent_event is False
     assert [q.name for q in conf.task_queues] == [QUEUE]
     visibility = conf.broker_transport_options["visibility_timeout"]
     assert visibility == SETTINGS.visibility_timeout_s

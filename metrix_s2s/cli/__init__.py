@@ -8,6 +8,8 @@
     metrix-s2s worker | beat                       run Celery with metrix-s2s's own app
     metrix-s2s embedded status|stop                the embedded Redis (no broker configured)
     metrix-s2s outbox relay --database-url URL     publish a SQLAlchemy project's outbox
+    metrix-s2s exporter [--port 9465]              the cluster-wide gauges, for Prometheus
+    metrix-s2s health                              exit 0 when deliveries can flow
     metrix-s2s demo                                see it work, with nothing else installed
 
 Every invocation reads the environment once (the same variables as the workers) and installs those
@@ -28,6 +30,7 @@ from .embedded import embedded
 from .events import read_events, send, validate
 from .outbox import outbox
 from .processes import beat, worker
+from .watch import exporter, health
 
 cli.add_command(dlq)
 cli.add_command(send)
@@ -36,6 +39,8 @@ cli.add_command(worker)
 cli.add_command(beat)
 cli.add_command(embedded)
 cli.add_command(outbox)
+cli.add_command(exporter)
+cli.add_command(health)
 cli.add_command(demo)
 
 __all__ = ["cli", "main", "read_events"]

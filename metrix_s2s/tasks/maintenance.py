@@ -13,11 +13,15 @@ from ..names import RECONCILE_TASK, REDRIVE_TASK
 @shared_task(name=REDRIVE_TASK, ignore_result=True, serializer="json")
 def redrive_dead_letters() -> dict[str, Any]:
     """Re-drive the dead letters whose cause may be fixed (see :mod:`metrix_s2s.redrive`)."""
-    return operations.redriver().run_periodic().summary()
+    summary = operations.redriver().run_periodic().summary()
+    operations.record_run("redrive")
+    return summary
 
 
 @shared_task(bind=True, name=RECONCILE_TASK, ignore_result=True, serializer="json")
 def reconcile_pending(self: Any) -> dict[str, Any]:
     """Re-enqueue events the broker lost (see :mod:`metrix_s2s.reconcile`)."""
     broker_url = self.app.conf.broker_url
-    return operations.reconciler(broker_url=broker_url).run().summary()
+    summary = operations.reconciler(broker_url=broker_url).run().summary()
+    operations.record_run("reconcile")
+    return summary

@@ -45,7 +45,9 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
       :attr:`Settings.visibility_timeout_s`), and a sweep that restores a dead worker's messages
       soon after it;
     - time limits for the send task above the HTTP timeouts;
-    - task events and sent events on, for Flower;
+    - task events and sent events off: they cost worker CPU and Redis publishes for every task,
+      and Flower turns them on in the workers it watches (its ``enable_events``); ``-E`` or
+      ``worker_send_task_events=True`` keeps them on;
     - a producer that fails within seconds when the broker is down, instead of hanging.
 
     The send task itself carries acks-late, reject-on-worker-lost and JSON; the routes send it, and
@@ -77,8 +79,8 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
         },
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         "task_routes": {
             name: {"queue": QUEUE} for name in (TASK_NAME, BULK_TASK_NAME, *MAINTENANCE_TASKS)
         },

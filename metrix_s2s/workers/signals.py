@@ -8,13 +8,19 @@ hooks nothing into Celery.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from typing import Any
 
 import redis
-from celery.signals import beat_init, worker_init
+from celery import concurrency
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.signals import beat_init, worker_init, worker_process_shutdown
 
+from .. import metrics
 from ..delivery import set_pool_size
+from ..errors import ConfigurationError
 from ..keyspace import Keyspace
 from ..logs import use_json_logs
 from ..redis_client import get_redis
@@ -32,6 +38,9 @@ def connect() -> None:
     """Connect the start-up handlers (once per process, however often it is called)."""
     worker_init.connect(_on_worker_init, weak=False, dispatch_uid="metrix_s2s.worker_init")
     beat_init.connect(_on_beat_init, weak=False, dispatch_uid="metrix_s2s.beat_init")
+    worker_process_shutdown.connect(
+        _on_child_exit, weak=False, dispatch_uid="metrix_s2s.worker_process_shutdown"
+    )
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
@@ -39,13 +48,42 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # it is the broker, and size the HTTP pool.
     if get_settings().log_format == "json":
         use_json_logs()
-    concurrency = getattr(sender, "concurrency", None)
-    if isinstance(concurrency, int):
-        set_pool_size(concurrency)
+    size = getattr(sender, "concurrency", None)
+    if isinstance(size, int):
+        set_pool_size(size)
+    serve_metrics(getattr(sender, "pool_cls", None))
     app = getattr(sender, "app", None)
     if app is not None:
         start_embedded_for(app.conf.broker_url)
         wait_while_full(app.conf.broker_url)
+
+
+def serve_metrics(pool_cls: Any) -> None:
+    """With ``METRIX_METRICS_PORT``, serve the worker's metrics from its main process (see
+    :mod:`metrix_s2s.metrics`); under prefork in multiprocess mode, before the children fork."""
+    settings = get_settings()
+    port = settings.metrics_port
+    if port is None:
+        return
+    try:
+        pool = concurrency.get_implementation(pool_cls) if pool_cls else None
+    except (KeyError, ImportError):
+        pool = None
+    prefork = isinstance(pool, type) and issubclass(pool, PreforkPool)
+    directory = settings.metrics_dir or os.path.join(
+        tempfile.gettempdir(), f"metrix-s2s-metrics-{port}"
+    )
+    try:
+        metrics.serve_worker_metrics(port, prefork=prefork, directory=directory)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"METRIX_METRICS_PORT={port}: cannot serve metrics ({exc})"
+        ) from exc
+
+
+def _on_child_exit(sender: Any = None, pid: int | None = None, **_: Any) -> None:
+    if pid is not None:
+        metrics.child_exited(pid)
 
 
 def wait_while_full(broker_url: str) -> None:
