@@ -18,7 +18,9 @@ its PID when its measurement ends. Side by side, on the same Redis and the same 
    path, and a loop of ``requests.post`` on a Session with no Celery (near enough the fake
    server's own ceiling);
 5. each worker's peak memory: VmHWM of the process and of its children, at the end of its run;
-6. the outbox's cost at the producer: a Django transaction that inserts an order and calls
+6. the worker's Prometheus metrics: the per-event run at 0 ms again with ``METRIX_METRICS_PORT``
+   set (its worker CPU per event against the run without);
+7. the outbox's cost at the producer: a Django transaction that inserts an order and calls
    ``send_metrix_event.delay_on_commit``, timed from ``atomic()`` to after the commit's publish,
    with and without ``metrix_s2s.contrib.django`` installed (one process each, in turn), on SQLite
    and on the local PostgreSQL (127.0.0.1:5432) when one answers.
@@ -944,6 +946,14 @@ class Run:
     informative: bool = False
 
 
+@functools.cache
+def metrics_port() -> str:
+    """One spare port for the worker's metrics, the same in every round."""
+    from metrix_s2s.embedded import free_port
+
+    return str(free_port())
+
+
 def plan(sizes: Sizes) -> list[list[Run]]:
     """The end-to-end measurements, in groups compared with each other (run in turn)."""
     n = sizes.events
@@ -958,6 +968,10 @@ def plan(sizes: Sizes) -> list[list[Run]]:
             [Run("bare_default", "threads", THREADS, latency, n) for latency in (0.0, 0.05)]
         )
     groups.append([Run("bulk", "threads", THREADS, latency, n) for latency in (0.0, 0.05)])
+    # The cost of the worker's Prometheus metrics: the same run, serving /metrics.
+    groups.append(
+        [Run("metrix", "threads", THREADS, 0.0, n, {"METRIX_METRICS_PORT": metrics_port()})]
+    )
     if not sizes.informative:
         return groups
     # Informative, not targets: a quarter of the default bulk concurrency, and another pool size.
@@ -1110,6 +1124,21 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
     for name in ("sqlite", "postgresql"):
         if name in result.get("outbox", {}):
             ratios[f"outbox_added_p50_ms_{name}"] = result["outbox"][name]["added_ms"]
+    for run in result["end_to_end"]:
+        if (run["setting"] or "").startswith("METRIX_METRICS_PORT=") and run["latency_ms"] == 0:
+            plain = next(
+                (r for r in result["end_to_end"]
+                 if not r["setting"] and (r["path"], r["pool"], r["concurrency"], r["latency_ms"])
+                 == ("metrix", "threads", THREADS, 0)),
+                None,
+            )  # fmt: skip
+            if plain:
+                with_cpu = run["cpu_ms_per_event"]["worker"]
+                ratios["metrics_worker_cpu_ms_per_event_added"] = round(
+                    with_cpu - plain["cpu_ms_per_event"]["worker"], 3
+                )
+                put("metrics_on_vs_off_threads32_0ms_events_per_s", run["events_per_s"],
+                    plain["events_per_s"])  # fmt: skip
     wanted = [
         ("enqueue_p50_metrix_vs_bare_same_config", "<=", 1.3),
         (f"e2e_threads{THREADS}_0ms_metrix_vs_bare", ">=", 0.85),
@@ -1219,7 +1248,9 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
         if r["rounds"] > 1:
             spread = f"{r['min_events_per_s']:.0f}-{r['max_events_per_s']:.0f}"
         what = _PATHS[r["path"]]
-        if r["setting"]:
+        if (r["setting"] or "").startswith("METRIX_METRICS_PORT="):
+            what += ", serving /metrics"
+        elif r["setting"]:
             what += ", " + r["setting"].replace("METRIX_BULK_CONCURRENCY=", "") + " at once"
         if r["informative"]:
             what += " (*)"
@@ -1233,8 +1264,9 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
             add(f"      (!) duplicates {r['duplicates']}, non-200 answers {r['non_200']}")
     if any(r["informative"] for r in rows):
         add(
-            f"  (*) informative, not a target: METRIX_BULK_CONCURRENCY other than its default "
-            f"({BULK_CONCURRENCY}), or a pool other than the default (threads {THREADS})"
+            f"  (*) informative, not a target: a setting other than its default "
+            f"(METRIX_BULK_CONCURRENCY {BULK_CONCURRENCY}, METRIX_METRICS_PORT off), or a pool "
+            f"other than the default (threads {THREADS})"
         )
 
 
