@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 
-from . import verdicts
+from . import metrics, verdicts
 from .delivery import Decided, Deliverer
 from .ledger import Claim, ClaimState
 from .logs import one_line
@@ -319,4 +319,6 @@ class _Batch:
         for entry in self.todo:
             verdict = verdicts.defer(self.settings, wait_ms, why=_HANDED_BACK, rand=self.d.rand)
             self.results[entry.index] = verdict
+            # counted like every verdict, though not logged one line each
+            metrics.count_verdict(self.app.app_id, verdict, self.settings)
         self.todo.clear()

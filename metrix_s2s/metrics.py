@@ -17,10 +17,9 @@ elsewhere cannot grow the number of series.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import time
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,10 @@ from prometheus_client.registry import Collector
 from .keyspace import Keyspace
 from .names import QUEUE
 from .outcome import Outcome
+from .reconcile import broker_queue_keys
+from .redis_client import get_redis
 from .settings import Settings, get_settings, is_redis_url
+from .states import Reason
 from .verdicts import Action, Verdict
 
 logger = logging.getLogger("metrix_s2s.metrics")
@@ -80,6 +82,9 @@ OUTCOMES = {
     Action.DUPLICATE: "duplicate",
     Action.DEAD_LETTERED: "dead_lettered",
 }
+
+#: The reasons a worker dead-letters with (``redrive_limit`` is set in the store by re-drive).
+DEAD_LETTER_REASONS = tuple(str(r) for r in Reason if r is not Reason.REDRIVE_LIMIT)
 
 #: The exporter's metric names (:class:`StateCollector`).
 EXPORTER_METRICS = (
@@ -126,26 +131,63 @@ def response_code(outcome: Outcome) -> str:
 # -- serving a worker's metrics ----------------------------------------------------------------
 
 
-def serve_worker_metrics(port: int, *, prefork: bool, directory: str) -> None:
-    """Serve ``/metrics`` on ``port`` from this (the worker's main) process. Under prefork, first
-    switch to multiprocess mode in ``directory`` (its old files removed), so that the children
-    forked afterwards count into files that this process sums."""
-    if prefork:
-        os.makedirs(directory, exist_ok=True)
-        for path in glob.glob(os.path.join(directory, "*.db")):
-            os.remove(path)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        start_http_server(port, addr="0.0.0.0", registry=registry)
-    else:
+def serve_worker_metrics(port: int, *, prefork: bool, base_dir: str, settings: Settings) -> None:
+    """Serve ``/metrics`` on ``port`` from this (the worker's main) process; raises
+    :class:`OSError` when the port cannot be had.
+
+    Under prefork, the children forked afterwards count in prometheus-client's multiprocess mode,
+    in a directory of this process's own under ``base_dir`` (``<base_dir>/<pid>``), which this
+    process serves the sum of; the directories that earlier, finished workers left there are
+    removed (another worker's, still running, is left alone)."""
+    if not prefork:
         start_http_server(port, addr="0.0.0.0")
-    logger.info("metrics on port %d%s", port, " (prefork: multiprocess mode)" if prefork else "")
+        _precreate(settings)
+        logger.info("metrics on port %d", port)
+        return
+    os.makedirs(base_dir, exist_ok=True)
+    for entry in os.listdir(base_dir):
+        if entry.isdigit() and not _running(int(entry)):
+            shutil.rmtree(os.path.join(base_dir, entry), ignore_errors=True)
+    directory = os.path.join(base_dir, str(os.getpid()))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=registry)
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    # Only now: the children's values go to files in this directory.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _precreate(settings)
+    logger.info("metrics on port %d (prefork: multiprocess mode in %s)", port, directory)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _precreate(settings: Settings) -> None:
+    """Start every configured app's series at 0, so that ``increase()`` sees their first count."""
+    for app in settings.apps:
+        for outcome in OUTCOMES.values():
+            DELIVERIES.labels(app, outcome)
+        for reason in DEAD_LETTER_REASONS:
+            DEAD_LETTERED.labels(app, reason)
 
 
 def child_exited(pid: int) -> None:
-    """A prefork child is gone: prometheus-client drops its live gauges (its counters stay)."""
+    """A prefork child is gone: prometheus-client drops its live gauges, of which metrix-s2s has
+    none; its counters stay in the sum (its files are removed with the directory when the next
+    worker starts)."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
@@ -189,17 +231,23 @@ def read_state(settings: Settings, state: redis.Redis, broker: redis.Redis | Non
         pipe.exists(k.pause(app))
     for task in PERIODIC_RUNS:
         pipe.get(k.last_run(task))
+    pipe.time()  # Redis' clock: the one the pending records are scored by, mostly
     answers = iter(pipe.execute())
     by_reason = {reason: int(next(answers)) for reason in reasons}
-    by_app = {app: int(next(answers)) for app in apps}
+    by_app: dict[str, int] = {}
+    for app in apps:  # an app id not configured (from a message published elsewhere): "unknown"
+        label = app if not configured or app in settings.apps else UNKNOWN_APP
+        by_app[label] = by_app.get(label, 0) + int(next(answers))
     pending = int(next(answers))
     oldest = next(answers)
-    age = (time.time() * 1000 - oldest[0][1]) / 1000 if oldest else 0.0
     paused = {app: bool(next(answers)) for app in configured}
     last_runs = {}
     for task in PERIODIC_RUNS:
         value = next(answers)
         last_runs[task] = float(value) if value is not None else None
+    seconds, micros = next(answers)
+    now = seconds + micros / 1e6
+    age = now - oldest[0][1] / 1000 if oldest else 0.0
     return State(
         dead_letters_by_reason=by_reason,
         dead_letters_by_app=by_app,
@@ -207,22 +255,25 @@ def read_state(settings: Settings, state: redis.Redis, broker: redis.Redis | Non
         oldest_pending_age_s=max(0.0, age),
         paused=paused,
         last_runs=last_runs,
-        queue_length=int(broker.llen(QUEUE)) if broker is not None else None,
+        queue_length=_queue_length(broker) if broker is not None else None,
     )
+
+
+def _queue_length(broker: redis.Redis) -> int:
+    """Messages waiting in the queue, its priority sub-queues included."""
+    pipe = broker.pipeline(transaction=False)
+    for key in broker_queue_keys(QUEUE):
+        pipe.llen(key)
+    return sum(int(n) for n in pipe.execute())
 
 
 def state_clients(settings: Settings) -> tuple[redis.Redis, redis.Redis | None]:
     """Clients of metrix-s2s's Redis and of the Redis broker (``None`` for another broker), with
-    short timeouts: a scrape or a health check must not hang."""
+    the process's short timeouts: a scrape or a health check must not hang."""
 
-    def client(url: str) -> redis.Redis:
-        return redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
-
-    state = client(settings.redis_url)
+    state = get_redis(settings.redis_url)
     broker_url = settings.broker_url
-    if broker_url == settings.redis_url:
-        return state, state
-    return state, client(broker_url) if is_redis_url(broker_url) else None
+    return state, get_redis(broker_url) if is_redis_url(broker_url) else None
 
 
 class StateCollector(Collector):

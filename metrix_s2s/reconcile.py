@@ -110,9 +110,14 @@ def broker_task_ids(
     return found
 
 
+def broker_queue_keys(queue: str) -> tuple[str, ...]:
+    """The Redis broker's lists of ``queue``: the queue and its priority sub-queues."""
+    return (queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9)))
+
+
 def _broker_messages(client: redis.Redis, queues: Iterable[str]) -> Iterator[bytes]:
     for queue in queues:
-        for name in (queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in (3, 6, 9))):
+        for name in broker_queue_keys(queue):
             start = 0
             while True:
                 chunk: list[bytes] = client.lrange(name, start, start + SCAN_CHUNK - 1)  # type: ignore[assignment]

@@ -54,8 +54,9 @@ Variables (defaults in parentheses):
 ``METRIX_BULK_CONCURRENCY``  events of batches in flight at once per worker process (64)
 ``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
 ``METRIX_METRICS_PORT``      a worker serves Prometheus metrics at ``/metrics`` on this port (off)
-``METRIX_METRICS_DIR``       prefork workers: prometheus-client's multiprocess directory, emptied
-                             when the worker starts (a temporary directory per port)
+``METRIX_METRICS_DIR``       prefork workers: where each worker keeps prometheus-client's
+                             multiprocess files, in a directory of its own (a temporary
+                             directory per port)
 ``METRIX_KEY_PREFIX``        prefix of every Redis key metrix-s2s writes (``metrix``)
 ===========================  ======================================================================
 """

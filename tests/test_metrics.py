@@ -4,6 +4,7 @@ prefork), the exporter's gauges, and ``metrix-s2s health``'s exit codes."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,16 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import ANDROID_ID, APP_ID, DEV_KEY, Worker, make_event, wait_until, worker_env
+from conftest import (
+    ANDROID_ID,
+    APP_ID,
+    DEV_KEY,
+    OTHER_APP,
+    Worker,
+    make_event,
+    wait_until,
+    worker_env,
+)
 from fake_metrix import FakeMetrix
 
 from metrix_s2s.embedded import free_port
@@ -98,6 +108,16 @@ def test_a_threads_worker_counts_deliveries_dead_letters_and_answers_per_app(
     assert value(text, "metrix_s2s_http_responses_total", app_id=APP_ID, code="400") == 1
     assert value(text, "metrix_s2s_request_duration_seconds_count", app_id=APP_ID) == 11
     assert value(text, "metrix_s2s_request_duration_seconds_sum", app_id=APP_ID) > 0
+    # And every configured app's series is there from the start, at 0
+    assert (
+        samples(text)[
+            (
+                "metrix_s2s_deliveries_total",
+                frozenset({("app_id", OTHER_APP), ("outcome", "delivered")}),
+            )
+        ]
+        == 0
+    )
     # And no dev-key, device id or IP is in any label
     no_secrets(text)
 
@@ -108,10 +128,12 @@ def test_prefork_children_add_up_in_the_main_process(
     start_worker: Callable[..., Worker],
     tmp_path: Path,
 ) -> None:
-    # Given a multiprocess directory with a stale file from an earlier run
+    # Given a metrics directory with the files of a worker that has ended
     directory = tmp_path / "metrics"
-    directory.mkdir()
-    stale = directory / "counter_999999.db"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = directory / ended / "counter_1.db"
+    stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
     port = free_port()
     # When a prefork worker of two children, serving metrics, delivers 20 events
@@ -130,11 +152,12 @@ def test_prefork_children_add_up_in_the_main_process(
                           outcome="delivered")  # fmt: skip
     assert value(text, "metrix_s2s_deliveries_total", app_id=APP_ID, outcome="delivered") == 20
     assert value(text, "metrix_s2s_http_responses_total", app_id=APP_ID, code="200") == 20
-    # And both children counted (one file each), the stale file is gone
-    assert not stale.exists()
-    pids = {p.stem.rsplit("_", 1)[1] for p in directory.glob("counter_*.db")}
-    assert len(pids) >= 2, (pids, worker.log()[-2000:])
-    assert str(worker.pid) not in pids  # the main process does not deliver
+    # And both children counted (one file each) in the worker's own directory; the ended
+    # worker's is gone
+    assert not stale.parent.exists()
+    own = directory / str(worker.pid)
+    pids = {p.stem.rsplit("_", 1)[1] for p in own.glob("counter_*.db")}
+    assert len(pids - {str(worker.pid)}) >= 2, (pids, worker.log()[-2000:])
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -164,6 +187,10 @@ def test_the_exporter_reads_the_cluster_wide_gauges_from_redis(
     for _ in range(3):
         producer.delay(APP_ID, make_event())
     redis_client.set("metrix:pause:other-app", "1", px=60_000)
+    # and dead letters of an app id no configuration knows (a message published elsewhere)
+    redis_client.sadd("metrix:dlq:apps", "stranger-1", "stranger-2")
+    redis_client.zadd("metrix:dlq:app:stranger-1", {"s1": 1})
+    redis_client.zadd("metrix:dlq:app:stranger-2", {"s2": 1})
     redis_client.set("metrix:last_run:redrive", "1700000000.5")
     # When the exporter is scraped
     port = free_port()
@@ -184,6 +211,8 @@ def test_the_exporter_reads_the_cluster_wide_gauges_from_redis(
     assert value(text, "metrix_s2s_dead_letters", reason="rejected") == 1
     assert value(text, "metrix_s2s_dead_letters", reason="config") == 1
     assert value(text, "metrix_s2s_dead_letters_by_app", app_id=APP_ID) == 2
+    assert value(text, "metrix_s2s_dead_letters_by_app", app_id="unknown") == 2
+    assert "stranger" not in text
     assert value(text, "metrix_s2s_pending_events") == 3
     assert value(text, "metrix_s2s_queue_length") == 3
     assert 0 <= value(text, "metrix_s2s_oldest_pending_age_seconds") < 60
@@ -214,11 +243,12 @@ def test_health_says_whether_deliveries_can_flow(
     alone = _cli(env, "health", "--timeout", "1")
     assert alone.returncode == 1, alone.stderr
     assert alone.stderr.startswith("error: unhealthy: no worker consuming metrix_s2s"), alone.stderr
-    # With one: 0, naming it
+    # With one: 0, naming it; it runs on this host, so --local is satisfied too
     start_worker(fake_metrix.url)
     ok = _cli(env, "health", "--timeout", "2")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: 1 worker consuming metrix_s2s"), ok.stdout
+    assert _cli(env, "health", "--local", "--timeout", "2").returncode == 0
     # A threshold crossed: 1, with the figure
     redis_client.zadd("metrix:dlq:by_time", {"x": 1})
     redis_client.zadd("metrix:dlq:reason:rejected", {"x": 1})
@@ -239,3 +269,22 @@ def test_health_says_whether_deliveries_can_flow(
     unreachable = _cli(down, "health", "--timeout", "1")
     assert unreachable.returncode == 3, unreachable.stderr
     assert unreachable.stderr.startswith("error: cannot reach Redis"), unreachable.stderr
+
+
+def test_a_worker_that_cannot_have_its_metrics_port_stops(
+    redis_url: str, redis_client: redis.Redis, fake_metrix: FakeMetrix
+) -> None:
+    # Given a port another process holds
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = worker_env(redis_url, fake_metrix.url, METRIX_METRICS_PORT=str(port))
+        # When a worker is told to serve its metrics there, Then it stops, saying why
+        proc = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "metrix_s2s.workers", "worker", "-P",
+             "threads", "-c", "2", "--without-mingle", "--without-gossip"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"METRIX_METRICS_PORT={port}: cannot serve metrics" in proc.stdout + proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -12,7 +13,7 @@ from prometheus_client import start_http_server
 from .. import metrics, workers
 from ..names import QUEUE
 from ..workers.ping import consuming_workers
-from .app import Failure, RedisFailure, current_state
+from .app import Failure, RedisFailure, UsageFailure, current_state
 
 #: The exporter's default port (the worker's metrics are usually on 9464).
 EXPORTER_PORT = 9465
@@ -28,7 +29,7 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
     """Serve the cluster-wide gauges (dead letters, pending events, oldest pending age, queue
     length, paused apps, last periodic runs) at /metrics, read from Redis at each scrape. Run one
     per deployment; each worker serves its own counters (METRIX_METRICS_PORT)."""
-    settings = current_state(ctx).require()
+    settings = current_state(ctx).loaded()  # a probe never starts the embedded Redis
     registry = metrics.exporter_registry(settings)
     try:
         start_http_server(port, addr=address, registry=registry)
@@ -50,6 +51,11 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
               help="unhealthy when the oldest pending event is older")  # fmt: skip
 @click.option("--max-dead-letters", type=click.IntRange(min=0), metavar="N",
               help="unhealthy when the store holds more dead letters")  # fmt: skip
+@click.option(
+    "--local",
+    is_flag=True,
+    help="unhealthy unless a worker on this host is among them (a container's check)",
+)
 @click.option("--beat", is_flag=True,
               help=f"unhealthy when re-drive or the reconciler has not run for {BEAT_INTERVALS} "
               "of its intervals")  # fmt: skip
@@ -60,13 +66,16 @@ def health(
     max_queue: int | None,
     max_oldest_pending: float | None,
     max_dead_letters: int | None,
+    local: bool,
     beat: bool,
 ) -> None:
     """Exit 0 when deliveries can flow: Redis answers and at least one worker consuming the
     metrix_s2s queue answers a ping. Otherwise exit 1 (3: Redis or the broker unreachable) with
     one line saying why. The options add alerting thresholds."""
-    settings = current_state(ctx).require()
+    settings = current_state(ctx).loaded()  # a probe never starts the embedded Redis
     state = metrics.read_state(settings, *metrics.state_clients(settings))
+    if max_queue is not None and state.queue_length is None:
+        raise UsageFailure("--max-queue needs a Redis broker (RabbitMQ's queue is not read)")
     try:
         names = consuming_workers(workers.app, timeout)
     except ConnectionError as exc:
@@ -74,6 +83,9 @@ def health(
     problems = []
     if not names:
         problems.append(f"no worker consuming {QUEUE} answered within {timeout:g}s")
+    elif local and not any(name.endswith("@" + socket.gethostname()) for name in names):
+        problems.append(f"no worker on {socket.gethostname()} consuming {QUEUE} answered within "
+                        f"{timeout:g}s")  # fmt: skip
     queue = state.queue_length
     if max_queue is not None and queue is not None and queue > max_queue:
         problems.append(f"{queue} messages wait in the queue (more than {max_queue})")

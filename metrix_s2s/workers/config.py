@@ -171,7 +171,16 @@ def configure_app(app: Any, settings: Settings | None = None) -> Any:
     return app
 
 
-_MERGED = frozenset({"broker_transport_options", "task_routes", "task_annotations"})
+_MERGED = frozenset(
+    {
+        "broker_transport_options",
+        "task_routes",
+        "task_annotations",
+        # a project's own choice about events is kept (Celery's default is off, as ours)
+        "worker_send_task_events",
+        "task_send_sent_event",
+    }
+)
 
 
 def own_app_settings(settings: Settings | None = None) -> dict[str, Any]:

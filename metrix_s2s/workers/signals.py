@@ -16,11 +16,11 @@ from typing import Any
 import redis
 from celery import concurrency
 from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.exceptions import WorkerShutdown
 from celery.signals import beat_init, worker_init, worker_process_shutdown
 
 from .. import metrics
 from ..delivery import set_pool_size
-from ..errors import ConfigurationError
 from ..keyspace import Keyspace
 from ..logs import use_json_logs
 from ..redis_client import get_redis
@@ -28,6 +28,8 @@ from ..settings import get_settings, is_redis_url, start_embedded_for
 
 logger = logging.getLogger("metrix_s2s.workers")
 
+#: The exit status of a worker that cannot serve its metrics (a configuration error).
+EXIT_CONFIG = 2
 #: Seconds between two checks of a full Redis while a worker waits to start.
 FULL_REDIS_RETRY_S = 2.0
 #: Seconds between two warnings that a worker is waiting for a full Redis.
@@ -51,11 +53,11 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     size = getattr(sender, "concurrency", None)
     if isinstance(size, int):
         set_pool_size(size)
-    serve_metrics(getattr(sender, "pool_cls", None))
     app = getattr(sender, "app", None)
     if app is not None:
         start_embedded_for(app.conf.broker_url)
         wait_while_full(app.conf.broker_url)
+    serve_metrics(getattr(sender, "pool_cls", None))
 
 
 def serve_metrics(pool_cls: Any) -> None:
@@ -70,15 +72,15 @@ def serve_metrics(pool_cls: Any) -> None:
     except (KeyError, ImportError):
         pool = None
     prefork = isinstance(pool, type) and issubclass(pool, PreforkPool)
-    directory = settings.metrics_dir or os.path.join(
+    base_dir = settings.metrics_dir or os.path.join(
         tempfile.gettempdir(), f"metrix-s2s-metrics-{port}"
     )
     try:
-        metrics.serve_worker_metrics(port, prefork=prefork, directory=directory)
+        metrics.serve_worker_metrics(port, prefork=prefork, base_dir=base_dir, settings=settings)
     except OSError as exc:
-        raise ConfigurationError(
-            f"METRIX_METRICS_PORT={port}: cannot serve metrics ({exc})"
-        ) from exc
+        # Celery would log an exception raised here and go on without metrics: stop instead.
+        logger.critical("METRIX_METRICS_PORT=%d: cannot serve metrics (%s); stopping", port, exc)
+        raise WorkerShutdown(EXIT_CONFIG) from exc
 
 
 def _on_child_exit(sender: Any = None, pid: int | None = None, **_: Any) -> None:
