@@ -216,6 +216,9 @@ Examples:
   {PROG} send APP_ID events.jsonl
   {PROG} validate - < events.jsonl
   {PROG} worker --concurrency 32
+  {PROG} health --max-oldest-pending 900
+  {PROG} exporter --port 9465
+  {PROG} outbox relay --database-url postgresql+psycopg://shop@db/shop --once
 
 \b
 Exit codes: 0 done; 1 not found, invalid input or not done; 2 configuration or usage error;
