@@ -311,24 +311,34 @@ class DeadLetterStore:
                 break
         return letters
 
-    def stats(self) -> dict[str, Any]:
-        """Counts by app and by reason, the total and the oldest entry's last failure time."""
+    def index_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Dead letters per app and per reason that has (or had) any, zeros included: the two
+        index sets, then one round trip."""
         k = self.keys
         apps = sorted(text(m) for m in self.redis.smembers(k.dead_letter_apps))
         reasons = sorted(text(m) for m in self.redis.smembers(k.dead_letter_reasons))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(k.dead_letters_by_time)
-        pipe.zrange(k.dead_letters_by_time, 0, 0, withscores=True)
         for app in apps:
             pipe.zcard(k.dead_letters_of_app(app))
         for reason in reasons:
             pipe.zcard(k.dead_letters_for_reason(reason))
-        total, oldest, *counts = pipe.execute()
-        by_app = {a: int(n) for a, n in zip(apps, counts[: len(apps)], strict=True) if n}
-        by_reason = {r: int(n) for r, n in zip(reasons, counts[len(apps) :], strict=True) if n}
+        counts = [int(n) for n in pipe.execute()]
+        return (
+            dict(zip(apps, counts[: len(apps)], strict=True)),
+            dict(zip(reasons, counts[len(apps) :], strict=True)),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by app and by reason, the total and the oldest entry's last failure time."""
+        k = self.keys
+        by_app, by_reason = self.index_counts()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(k.dead_letters_by_time)
+        pipe.zrange(k.dead_letters_by_time, 0, 0, withscores=True)
+        total, oldest = pipe.execute()
         return {
             "total": int(total),
-            "by_app": by_app,
-            "by_reason": by_reason,
+            "by_app": {app: n for app, n in by_app.items() if n},
+            "by_reason": {reason: n for reason, n in by_reason.items() if n},
             "oldest_ms": int(oldest[0][1]) if oldest else None,
         }

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import prometheus_client
 import redis
 from prometheus_client import (
     CollectorRegistry,
@@ -44,6 +43,7 @@ from .reconcile import broker_queue_keys
 from .redis_client import get_redis
 from .settings import Settings, get_settings, is_redis_url
 from .states import Reason
+from .stores import get_dead_letters
 from .verdicts import Action, Verdict
 
 logger = logging.getLogger("metrix_s2s.metrics")
@@ -214,17 +214,12 @@ class State:
 
 
 def read_state(settings: Settings, state: redis.Redis, broker: redis.Redis | None) -> State:
-    """Read :class:`State`: a few set reads, then one pipeline of ``ZCARD``/``EXISTS``/``GET``;
-    no scan of the keyspace. Raises :class:`redis.RedisError`."""
+    """Read :class:`State`: the dead-letter store's index counts, then one pipeline of
+    ``ZCARD``/``EXISTS``/``GET``; no scan of the keyspace. Raises :class:`redis.RedisError`."""
     k = Keyspace(settings.key_prefix)
-    reasons = sorted(_text(m) for m in state.smembers(k.dead_letter_reasons))
-    apps = sorted(_text(m) for m in state.smembers(k.dead_letter_apps))
+    dead_by_app, by_reason = get_dead_letters(settings).index_counts()
     configured = sorted(settings.apps)
     pipe = state.pipeline(transaction=False)
-    for reason in reasons:
-        pipe.zcard(k.dead_letters_for_reason(reason))
-    for app in apps:
-        pipe.zcard(k.dead_letters_of_app(app))
     pipe.zcard(k.pending)
     pipe.zrange(k.pending, 0, 0, withscores=True)
     for app in configured:
@@ -233,11 +228,10 @@ def read_state(settings: Settings, state: redis.Redis, broker: redis.Redis | Non
         pipe.get(k.last_run(task))
     pipe.time()  # Redis' clock: the one the pending records are scored by, mostly
     answers = iter(pipe.execute())
-    by_reason = {reason: int(next(answers)) for reason in reasons}
     by_app: dict[str, int] = {}
-    for app in apps:  # an app id not configured (from a message published elsewhere): "unknown"
+    for app, count in dead_by_app.items():  # an app id not configured (published elsewhere)
         label = app if not configured or app in settings.apps else UNKNOWN_APP
-        by_app[label] = by_app.get(label, 0) + int(next(answers))
+        by_app[label] = by_app.get(label, 0) + count
     pending = int(next(answers))
     oldest = next(answers)
     paused = {app: bool(next(answers)) for app in configured}
@@ -332,10 +326,6 @@ def _families(state: State) -> Iterator[Any]:
         )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def exporter_registry(settings: Settings | None = None) -> CollectorRegistry:
     """A registry with only the exporter's gauges."""
     registry = CollectorRegistry(auto_describe=False)
@@ -355,7 +345,6 @@ __all__ = [
     "count_verdict",
     "exporter_registry",
     "read_state",
-    "prometheus_client",
     "serve_worker_metrics",
     "state_clients",
 ]

@@ -20,7 +20,7 @@ from .redrive import Redriver
 from .settings import Settings, get_settings, is_redis_url
 from .stores import get_dead_letters, get_ledger
 
-__all__ = ["enqueue_event", "last_runs", "reconciler", "record_run", "redriver"]
+__all__ = ["enqueue_event", "reconciler", "record_run", "redriver"]
 
 logger = logging.getLogger("metrix_s2s.operations")
 
@@ -33,13 +33,6 @@ def record_run(task: str, settings: Settings | None = None) -> None:
         ledger.redis.set(ledger.keys.last_run(task), f"{time.time():.3f}")
     except redis.RedisError as exc:
         logger.warning("could not note the %s run (%s)", task, exc)
-
-
-def last_runs(tasks: tuple[str, ...], settings: Settings | None = None) -> dict[str, float | None]:
-    """When each periodic task last ran (unix time), or ``None``."""
-    ledger = get_ledger(settings)
-    raw = ledger.redis.mget([ledger.keys.last_run(task) for task in tasks])
-    return {task: float(v) if v is not None else None for task, v in zip(tasks, raw, strict=True)}
 
 
 def redriver(settings: Settings | None = None) -> Redriver:

@@ -88,10 +88,6 @@ class Breaker:
         self._until = 0.0
         self._probing = False
 
-    @property
-    def is_open(self) -> bool:
-        return self._failures > 0
-
     def allows(self) -> bool:
         """Whether this publish may go to the broker now."""
         if not self._failures:
