@@ -1064,28 +1064,27 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _run(
+    result: dict[str, Any], path: str, pool: str, size: int, latency_ms: int
+) -> dict[str, Any] | None:
+    """The (summarized) measurement with these parameters and default settings."""
+    for run in result["end_to_end"]:
+        key = (run["path"], run["pool"], run["concurrency"], run["latency_ms"])
+        if not run["setting"] and key == (path, pool, size, latency_ms):
+            return dict(run)
+    return None
+
+
 def _rate(result: dict[str, Any], path: str, pool: str, size: int, latency_ms: int) -> float | None:
     """The (median) rate of the measurement with these parameters and default settings."""
-    for run in result["end_to_end"]:
-        if run["setting"]:
-            continue
-        if (run["path"], run["pool"], run["concurrency"], run["latency_ms"]) == (
-            path,
-            pool,
-            size,
-            latency_ms,
-        ):
-            return float(run["events_per_s"])
-    return None
+    run = _run(result, path, pool, size, latency_ms)
+    return float(run["events_per_s"]) if run else None
 
 
 def _cpu(result: dict[str, Any], path: str, latency_ms: int) -> float | None:
     """Redis CPU ms per event of the threads-32 run of ``path`` at ``latency_ms``."""
-    for run in result["end_to_end"]:
-        key = (run["path"], run["pool"], run["concurrency"], run["latency_ms"])
-        if not run["setting"] and key == (path, "threads", THREADS, latency_ms):
-            return float(run["cpu_ms_per_event"]["redis"])
-    return None
+    run = _run(result, path, "threads", THREADS, latency_ms)
+    return float(run["cpu_ms_per_event"]["redis"]) if run else None
 
 
 def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -1139,12 +1138,7 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
             ratios[f"outbox_added_p50_ms_{name}"] = result["outbox"][name]["added_ms"]
     for run in result["end_to_end"]:
         if (run["setting"] or "").startswith("METRIX_METRICS_PORT=") and run["latency_ms"] == 0:
-            plain = next(
-                (r for r in result["end_to_end"]
-                 if not r["setting"] and (r["path"], r["pool"], r["concurrency"], r["latency_ms"])
-                 == ("metrix", "threads", THREADS, 0)),
-                None,
-            )  # fmt: skip
+            plain = _run(result, "metrix", "threads", THREADS, 0)
             if plain:
                 with_cpu = run["cpu_ms_per_event"]["worker"]
                 ratios["metrics_worker_cpu_ms_per_event_added"] = round(
