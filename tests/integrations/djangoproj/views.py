@@ -6,6 +6,8 @@ The request body is the Metrix event of the purchase. Each answer also says whic
 
 import json
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -38,15 +40,25 @@ def purchase(request: HttpRequest) -> JsonResponse:
     return _answer(order)
 
 
-def purchase_rolled_back(request: HttpRequest) -> JsonResponse:
+def _declined(request: HttpRequest, enqueue: Callable[[dict[str, Any]], object]) -> JsonResponse:
+    """A purchase whose transaction rolls back after ``enqueue(event)`` ran inside it."""
     event = json.loads(request.body)
     try:
         with transaction.atomic():
             Order.objects.create(user_id=event["metrixUserId"])
-            transaction.on_commit(lambda: send_metrix_event.delay(settings.METRIX_APP_ID, event))
+            enqueue(event)
             raise PaymentDeclined
     except PaymentDeclined:
         return _answer(None, status=409)
+
+
+def purchase_rolled_back(request: HttpRequest) -> JsonResponse:
+    return _declined(
+        request,
+        lambda event: transaction.on_commit(
+            lambda: send_metrix_event.delay(settings.METRIX_APP_ID, event)
+        ),
+    )
 
 
 def purchase_delay_on_commit(request: HttpRequest) -> JsonResponse:
@@ -69,14 +81,9 @@ def purchase_batch_on_commit(request: HttpRequest) -> JsonResponse:
 
 
 def purchase_rolled_back_on_commit(request: HttpRequest) -> JsonResponse:
-    event = json.loads(request.body)
-    try:
-        with transaction.atomic():
-            Order.objects.create(user_id=event["metrixUserId"])
-            send_metrix_event.delay_on_commit(settings.METRIX_APP_ID, event)
-            raise PaymentDeclined
-    except PaymentDeclined:
-        return _answer(None, status=409)
+    return _declined(
+        request, lambda event: send_metrix_event.delay_on_commit(settings.METRIX_APP_ID, event)
+    )
 
 
 def purchases_on_commit(request: HttpRequest) -> JsonResponse:
