@@ -9,8 +9,9 @@ key                          type    owner    what it holds
 ``P:delivered:{event_id}``   string  ledger   ``"<status>:<ms>"``: delivered; TTL the ledger TTL
 ``P:inflight:{event_id}``    string  ledger   the token of the attempt sending it now; TTL the
                                               attempt's hard limit plus a margin
-``P:attempts:{event_id}``    hash    ledger   ``n`` attempts claimed, ``first`` ms of the first;
-                                              counts claims of workers that died mid-attempt
+``P:attempts:{event_id}``    string  ledger   ``"<n>:<first>"``: attempts claimed, ms of the
+                                              first; counts claims of workers that died
+                                              mid-attempt
 ``P:pending``                zset    ledger   event ids neither delivered nor dead-lettered, scored
                                               by when last seen alive (ms)
 ``P:pending:msg``            hash    ledger   event id -> JSON ``[app_id, event]``, to re-enqueue

@@ -4,9 +4,12 @@ Metrix's legacy endpoint has no idempotency key, so this ledger is the only defe
 duplicates when a message is delivered twice (a worker killed after taking a message, a broker
 redelivery, a re-drive or a reconciler copy racing a late original). One script runs before the
 POST (:meth:`Ledger.claim`: ledger check, in-flight guard, 429 pause, rate limit, attempt count)
-and one after (:meth:`Ledger.finish`), so a delivery costs two Redis round trips. The same two
-scripts take many events of one app at once (:meth:`Ledger.claim_many`, :meth:`Ledger.finish_many`),
-so a batch of the bulk path costs a few round trips in all, not two per event.
+and one after (:meth:`Ledger.finish`). The same two scripts take many events of one app at once
+(:meth:`Ledger.claim_many`, :meth:`Ledger.finish_many`): a batch of the bulk path costs a few
+round trips in all, not two per event, and the single claims and finishes of concurrent threads
+(the threads and gevent pools) are made together, one script call per group
+(:class:`~metrix_s2s.grouping.GroupCommit`), so a worker's Redis sees a few calls for its whole
+concurrency instead of two per event.
 
 The ledger also keeps the pending records that the reconciler reads (:meth:`Ledger.stale`,
 :meth:`Ledger.examine`, :meth:`Ledger.claim_stale`). Its keys are listed in
@@ -25,9 +28,10 @@ from typing import Any
 import redis
 
 from . import redis_scripts
+from .grouping import GroupCommit
 from .keyspace import Keyspace
 from .ratelimit import RateLimit
-from .redis_client import text
+from .redis_client import SOCKET_TIMEOUT_S, text
 from .states import Claim, ClaimState, FinishMode
 
 __all__ = ["Claim", "ClaimState", "Examined", "Finish", "FinishMode", "Ledger", "Limits"]
@@ -61,6 +65,15 @@ class Examined:
     in_flight: bool
 
 
+#: Seconds a thread waits, at most, for another thread's script call to carry its claim or finish
+#: (that call's own socket timeout ends it long before).
+GROUP_WAIT_S = 4 * SOCKET_TIMEOUT_S
+
+
+def _group_timeout() -> BaseException:
+    return redis.TimeoutError(f"no answer from Redis to a grouped call within {GROUP_WAIT_S:g}s")
+
+
 class Ledger:
     """The per-event delivery state in one Redis under one key prefix."""
 
@@ -73,14 +86,27 @@ class Ledger:
         self._finish = client.register_script(redis_scripts.FINISH)
         self._mark_pending = client.register_script(redis_scripts.MARK_PENDING)
         self._claim_stale = client.register_script(redis_scripts.CLAIM_STALE)
+        self._claims: GroupCommit[tuple[str, Limits], tuple[str, str], Claim] = GroupCommit(
+            lambda key, entries: self.claim_many(entries, key[0], key[1], line=True),
+            timeout_s=GROUP_WAIT_S,
+            on_timeout=_group_timeout,
+        )
+        self._finishes: GroupCommit[str, tuple[Finish, int], bool] = GroupCommit(
+            lambda app_id, ends: self._finish_each(
+                app_id, [f for f, _ in ends], max(p for _, p in ends)
+            ),
+            timeout_s=GROUP_WAIT_S,
+            on_timeout=_group_timeout,
+        )
 
     # -- one attempt -----------------------------------------------------------------------
 
     def claim(self, event_id: str, token: str, app_id: str, limits: Limits) -> Claim:
         """Before sending: check the ledger, the guard, the app's pause and rate limit, then take
-        the guard and count the attempt; one round trip. Without a rate-limit slot soon, the
-        event gets a place in the app's line of deferred events."""
-        return self.claim_many([(event_id, token)], app_id, limits, line=True)[0]
+        the guard and count the attempt; one round trip, shared with the claims other threads
+        make meanwhile. Without a rate-limit slot soon, the event gets a place in the app's line
+        of deferred events."""
+        return self._claims((app_id, limits), (event_id, token))
 
     def claim_many(
         self,
@@ -137,12 +163,19 @@ class Ledger:
         value: str = "",
         pause_ms: int = 0,
     ) -> bool:
-        """End one attempt; True if this attempt still held the event's guard."""
+        """End one attempt (in one script call with the finishes other threads make meanwhile);
+        True if this attempt still held the event's guard."""
         return self.finish_many(app_id, [Finish(event_id, token, mode, value)], pause_ms) == 1
 
     def finish_many(self, app_id: str, finishes: Sequence[Finish], pause_ms: int = 0) -> int:
         """End several attempts of one app's events in one round trip; ``pause_ms`` (after a
-        429) pauses the app for the whole pool. Returns how many guards were released."""
+        429) pauses the app for the whole pool. Returns how many guards were released. One
+        attempt alone goes with the finishes other threads make meanwhile (:meth:`finish`)."""
+        if len(finishes) == 1:
+            return int(self._finishes(app_id, (finishes[0], pause_ms)))
+        return sum(self._finish_each(app_id, finishes, pause_ms))
+
+    def _finish_each(self, app_id: str, finishes: Sequence[Finish], pause_ms: int) -> list[bool]:
         k = self.keys
         keys = [k.pending, k.pending_messages, k.redriven, k.pause(app_id)]
         args: list[str | int] = [
@@ -154,7 +187,7 @@ class Ledger:
         ]
         for finish in finishes:
             args += [finish.event_id, finish.token, FinishMode(finish.mode).value, finish.value]
-        return int(self._finish(keys=keys, args=args))
+        return [bool(flag) for flag in self._finish(keys=keys, args=args)]
 
     def unclaim(self, event_id: str, token: str, app_id: str) -> None:
         """Give back a claim that sent nothing: release the guard and the attempt it counted."""

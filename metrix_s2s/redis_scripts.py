@@ -3,7 +3,8 @@
 Each file opens with the KEYS and ARGV it takes. Whole key names come as KEYS; a family of keys
 (one per event id, app or reason) comes as its stem in ARGV, to which the script appends the id:
 every name is built by :mod:`metrix_s2s.keyspace`, none inside a script. A file that defines
-functions for others (``gcra.lua``, ``dlq_drop.lua``) is put in front of the script that uses it.
+functions for others (``gcra.lua``, ``variadic.lua``, ``dlq_drop.lua``) is put in front of the
+script that uses it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ def source(*names: str) -> str:
     return "\n".join(folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in names)
 
 
-CLAIM = source("gcra", "claim")
-FINISH = source("finish")
-MARK_PENDING = source("mark_pending")
+CLAIM = source("gcra", "variadic", "claim")
+FINISH = source("variadic", "finish")
+MARK_PENDING = source("variadic", "mark_pending")
 CLAIM_STALE = source("claim_stale")
 DLQ_ADD = source("dlq_drop", "dlq_add")
 DLQ_REMOVE = source("dlq_drop", "dlq_remove")
@@ -29,6 +30,7 @@ RELEASE_LOCK = source("release_lock")
 #: Every script file, for the packaging test.
 FILES = (
     "gcra",
+    "variadic",
     "claim",
     "finish",
     "mark_pending",

@@ -259,7 +259,7 @@ def test_a_message_that_keeps_crashing_workers_ends_as_poison(
     # Given an event already claimed max_attempts + max_redeliveries times by workers that died
     # before reaching a verdict (the state our attempt counter would hold)
     event_id = str(uuid.uuid4())
-    redis_client.hset(f"metrix:attempts:{event_id}", mapping={"n": 8 + 5, "first": 1})
+    redis_client.set(f"metrix:attempts:{event_id}", f"{8 + 5}:1")
     start_worker(fake_metrix.url)
     # When the broker hands it out once more
     producer.app.send_task(TASK_NAME, args=(APP_ID, make_event()), task_id=event_id, queue=QUEUE)

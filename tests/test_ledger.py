@@ -157,3 +157,34 @@ def test_a_pending_record_written_late_is_not_kept_for_a_finished_event(
     ledger.mark_pending({"done": ("A", {}), "parked": ("A", {}), "new": ("A", {})}, now_ms=5)
     assert redis_client.zrange("t:pending", 0, -1) == [b"new"]
     assert redis_client.hkeys("t:pending:msg") == [b"new"]
+
+
+def test_an_undone_claim_gives_its_attempt_back_and_keeps_the_first_time(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    first = ledger.claim("e1", "tok-a", "A", FAST)
+    ledger.finish("e1", "tok-a", "A", FinishMode.RETRY)
+    second = ledger.claim("e1", "tok-b", "A", FAST)
+    assert (second.attempt, second.first_attempt_ms) == (2, first.first_attempt_ms)
+    ttl = redis_client.ttl("t:attempts:e1")
+    ledger.unclaim("e1", "tok-b", "A")
+    assert redis_client.get("t:attempts:e1") == f"1:{first.first_attempt_ms}".encode()
+    assert 0 < redis_client.ttl("t:attempts:e1") <= ttl, "undo keeps the count's TTL"
+    assert ledger.claim("e1", "tok-c", "A", FAST).attempt == 2
+
+
+def test_an_attempt_count_of_an_earlier_version_is_counted_anew(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    # up to 0.1.0 attempt counts were hashes: a claim reads one as no count and replaces it
+    redis_client.hset("t:attempts:e1", mapping={"n": 3, "first": 1})
+    claim = ledger.claim("e1", "tok-a", "A", FAST)
+    assert claim.state is ClaimState.OK
+    assert claim.attempt == 1
+    ledger.finish("e1", "tok-a", "A", FinishMode.UNDO)
+    redis_client.hset("t:attempts:e2", mapping={"n": 3, "first": 1})
+    claim = ledger.claim("e2", "tok-a", "A", FAST)
+    redis_client.delete("t:attempts:e2")
+    redis_client.hset("t:attempts:e2", mapping={"n": 3, "first": 1})
+    ledger.unclaim("e2", "tok-a", "A")  # an undo leaves such a count alone
+    assert redis_client.type("t:attempts:e2") == b"hash"

@@ -1,5 +1,5 @@
 -- claim.lua: claims one or more events of one app, in order, before they are sent
--- (Ledger.claim_many). Included after gcra.lua.
+-- (Ledger.claim_many). Included after gcra.lua and variadic.lua.
 --
 -- KEYS[1]  pending                  P:pending
 -- KEYS[2]  the app's pause          P:pause:{app_id}
@@ -8,7 +8,7 @@
 -- KEYS[5]  the app's line           P:rl:{app_id}:later
 -- ARGV[1]  stem of delivered keys   P:delivered:
 -- ARGV[2]  stem of in-flight guards P:inflight:
--- ARGV[3]  stem of attempt counts   P:attempts:
+-- ARGV[3]  stem of attempt counts   P:attempts: ("<attempts>:<ms of the first>")
 -- ARGV[4]  guard TTL, ms
 -- ARGV[5]  attempts TTL, s
 -- ARGV[6]  app emission, us         ARGV[7] app tolerance, us
@@ -32,6 +32,7 @@ local overall, overall_tolerance = tonumber(ARGV[8]), tonumber(ARGV[9])
 local max_wait = tonumber(ARGV[10])
 local paused = redis.call('PTTL', KEYS[2])
 local stopped = nil
+local seen = {}  -- the pending records of the events claimed: seen now
 local out = {now}
 local function put(state, value, first, wait)
   out[#out + 1] = state
@@ -41,9 +42,11 @@ local function put(state, value, first, wait)
 end
 for i = 12, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
-  local guard = ARGV[2] .. id
-  local holder = redis.call('GET', guard)
-  if redis.call('EXISTS', ARGV[1] .. id) == 1 then
+  local guard, attempts = ARGV[2] .. id, ARGV[3] .. id
+  -- MGET reads a key of another type (an attempt count of an earlier version) as absent
+  local found = redis.call('MGET', ARGV[1] .. id, guard, attempts)
+  local holder = found[2]
+  if found[1] then
     put('delivered', 0, 0, 0)
   elseif holder and holder ~= token then
     put('busy', redis.call('PTTL', guard), 0, 0)
@@ -64,10 +67,10 @@ for i = 12, #ARGV, 2 do
       -- interval after the last, so that deferred events come back spread out rather than all
       -- at once (they claim a real slot when they come back).
       local start = now_us + wait
-      local later = tonumber(redis.call('GET', KEYS[5]) or '0')
+      local later = arrival(KEYS[5])
       if later > start then start = later end
       local slot = start + app_emission
-      store_tat(KEYS[5], slot, now_us)
+      take_tat(KEYS[5], slot)
       local later_ms = math.ceil((slot - now_us) / 1000)
       put('limited', later_ms, 0, later_ms)
     elseif wait > max_wait then
@@ -75,19 +78,21 @@ for i = 12, #ARGV, 2 do
       put('limited', stopped, 0, stopped)
     else
       local wait_ms = math.ceil(wait / 1000)
-      local attempts = ARGV[3] .. id
-      store_tat(KEYS[3], tat, now_us)
-      if overall > 0 then store_tat(KEYS[4], overall_tat, now_us) end
+      take_tat(KEYS[3], tat)
+      if overall > 0 then take_tat(KEYS[4], overall_tat) end
       redis.call('SET', guard, token, 'PX', tonumber(ARGV[4]) + wait_ms)
-      local n = redis.call('HINCRBY', attempts, 'n', 1)
-      local first = now
-      if redis.call('HSETNX', attempts, 'first', now) == 0 then
-        first = tonumber(redis.call('HGET', attempts, 'first'))
+      local n, first = 1, now
+      local counted, since = string.match(found[3] or '', '^(%-?%d+):(%d+)$')
+      if counted then
+        n, first = tonumber(counted) + 1, tonumber(since)
       end
-      redis.call('EXPIRE', attempts, ARGV[5])
-      redis.call('ZADD', KEYS[1], 'XX', now, id)
+      redis.call('SET', attempts, string.format('%d:%.0f', n, first), 'EX', ARGV[5])
+      seen[#seen + 1] = now
+      seen[#seen + 1] = id
       put('ok', n, first, wait_ms)
     end
   end
 end
+store_tats(now_us)
+variadic({'ZADD', KEYS[1], 'XX'}, seen)
 return out

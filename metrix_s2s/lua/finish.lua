@@ -1,5 +1,5 @@
 -- finish.lua: records the end of one or more attempts of one app's events
--- (Ledger.finish_many).
+-- (Ledger.finish_many). Included after variadic.lua.
 --
 -- KEYS[1]  pending                  P:pending
 -- KEYS[2]  pending messages         P:pending:msg
@@ -16,36 +16,49 @@
 --   retry      keep them, and mark it seen now
 --   undo       as retry, and take back the attempt its claim counted (nothing was sent)
 --
--- A pause is lengthened, never shortened. Releases each guard this attempt still holds, and
--- returns how many it released.
+-- A pause is lengthened, never shortened. Releases each guard its attempt still holds; returns,
+-- for each attempt in order, 1 if it released its guard, else 0.
 
 local now = nil
-local released = 0
+local released = {}
+local delivered, done, attempts_done, seen = {}, {}, {}, {}
 for i = 6, #ARGV, 4 do
   local id, token, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local attempts = ARGV[3] .. id
   if mode == 'delivered' then
     redis.call('SET', ARGV[1] .. id, ARGV[i + 3], 'EX', ARGV[4])
-    redis.call('HDEL', KEYS[3], id)
+    delivered[#delivered + 1] = id
   end
   if mode == 'retry' or mode == 'undo' then
     if not now then
       local t = redis.call('TIME')
       now = t[1] * 1000 + math.floor(t[2] / 1000)
     end
-    redis.call('ZADD', KEYS[1], 'XX', now, id)
-    if mode == 'undo' then redis.call('HINCRBY', attempts, 'n', -1) end
+    seen[#seen + 1] = now
+    seen[#seen + 1] = id
+    if mode == 'undo' then
+      local counted, since = string.match(redis.call('MGET', attempts)[1] or '', '^(%-?%d+):(%d+)$')
+      if counted then
+        redis.call('SET', attempts, string.format('%d:%s', tonumber(counted) - 1, since), 'KEEPTTL')
+      end
+    end
   else
-    redis.call('DEL', attempts)
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
+    done[#done + 1] = id
+    attempts_done[#attempts_done + 1] = attempts
   end
   local guard = ARGV[2] .. id
   if redis.call('GET', guard) == token then
     redis.call('DEL', guard)
-    released = released + 1
+    released[#released + 1] = 1
+  else
+    released[#released + 1] = 0
   end
 end
+variadic({'HDEL', KEYS[3]}, delivered)
+variadic({'ZADD', KEYS[1], 'XX'}, seen)
+variadic({'DEL'}, attempts_done)
+variadic({'ZREM', KEYS[1]}, done)
+variadic({'HDEL', KEYS[2]}, done)
 local pause = tonumber(ARGV[5])
 if pause > 0 and redis.call('PTTL', KEYS[4]) < pause then
   redis.call('SET', KEYS[4], '1', 'PX', pause)

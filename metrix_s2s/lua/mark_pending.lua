@@ -1,5 +1,5 @@
 -- mark_pending.lua: records freshly enqueued events as pending (Ledger.mark_pending), unless a
--- fast worker already delivered or dead-lettered them.
+-- fast worker already delivered or dead-lettered them. Included after variadic.lua.
 --
 -- KEYS[1]  pending                  P:pending
 -- KEYS[2]  pending messages         P:pending:msg
@@ -8,10 +8,15 @@
 -- ARGV[3]  now, ms
 -- ARGV[4...] event id, message (JSON [app_id, event]) pairs
 
+local scored, messages = {}, {}
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
-  if redis.call('EXISTS', ARGV[1] .. id) == 0 and redis.call('EXISTS', ARGV[2] .. id) == 0 then
-    redis.call('ZADD', KEYS[1], ARGV[3], id)
-    redis.call('HSET', KEYS[2], id, ARGV[i + 1])
+  if redis.call('EXISTS', ARGV[1] .. id, ARGV[2] .. id) == 0 then
+    scored[#scored + 1] = ARGV[3]
+    scored[#scored + 1] = id
+    messages[#messages + 1] = id
+    messages[#messages + 1] = ARGV[i + 1]
   end
 end
+variadic({'ZADD', KEYS[1]}, scored)
+variadic({'HSET', KEYS[2]}, messages)

@@ -1,0 +1,168 @@
+"""Group commit: concurrent claims and finishes made as one script call per group.
+
+The combiner alone (a slow ``run`` standing in for Redis), then the ledger's claims and finishes
+from 32 threads against a real Redis, counted by Redis itself (``INFO commandstats``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from metrix_s2s.grouping import GroupCommit
+from metrix_s2s.ledger import ClaimState, FinishMode, Ledger, Limits
+from metrix_s2s.ratelimit import RateLimit
+
+THREADS = 32
+
+
+class Slow:
+    """A ``run`` that takes ``delay`` seconds and records each call's items."""
+
+    def __init__(self, delay: float = 0.02, fail_on: str | None = None) -> None:
+        self.delay = delay
+        self.fail_on = fail_on
+        self.calls: list[tuple[str, list[str]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, key: str, items: list[str]) -> list[str]:
+        with self.lock:
+            self.calls.append((key, list(items)))
+        time.sleep(self.delay)
+        if self.fail_on in items:
+            raise redis.ConnectionError("Redis went away")
+        return [f"{key}:{item}" for item in items]
+
+
+def timeout() -> BaseException:
+    return redis.TimeoutError("no answer")
+
+
+def run_threads(n: int, target: Callable[[int], object]) -> list[object]:
+    """``target(i)`` in ``n`` threads started together; each one's result or exception."""
+    results: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = target(i)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_concurrent_calls_share_few_calls_and_each_gets_its_own_result() -> None:
+    run = Slow()
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=10, on_timeout=timeout)
+    results = run_threads(THREADS, lambda i: group("A" if i % 2 else "B", f"item{i}"))
+    assert results == [f"{'A' if i % 2 else 'B'}:item{i}" for i in range(THREADS)]
+    carried = sorted(item for _, items in run.calls for item in items)
+    assert carried == sorted(f"item{i}" for i in range(THREADS))  # each item once
+    assert all({item[4:].isdigit() for item in items} for _, items in run.calls)
+    for key, items in run.calls:  # a call carries one key's items only
+        assert {int(item[4:]) % 2 for item in items} == {1 if key == "A" else 0}
+    # the first call of each key goes alone; the rest queue behind it
+    assert len(run.calls) <= 6, run.calls
+    assert (group.calls, group.items) == (len(run.calls), THREADS)
+
+
+def test_one_caller_alone_calls_at_once() -> None:
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=10, on_timeout=timeout)
+    assert [group("A", "x"), group("A", "y")] == ["A:x", "A:y"]
+    assert run.calls == [("A", ["x"]), ("A", ["y"])]
+
+
+def test_a_failed_call_raises_in_each_caller_of_its_group_only() -> None:
+    run = Slow(fail_on="item0")
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=10, on_timeout=timeout)
+    failed: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            group("A", "item0")
+        except redis.ConnectionError as exc:
+            failed.append(exc)
+
+    first = threading.Thread(target=lead)
+    first.start()
+    time.sleep(0.005)  # item0's call is in flight: the others queue behind it
+    results = run_threads(8, lambda i: group("A", f"item{i + 1}"))
+    first.join(10)
+    assert len(failed) == 1
+    assert results == [f"A:item{i + 1}" for i in range(8)]
+    assert run.calls[0] == ("A", ["item0"])
+    # the key is free again after a failure
+    assert group("A", "again") == "A:again"
+
+
+def test_a_caller_queued_behind_a_call_that_never_returns_times_out() -> None:
+    stuck = threading.Event()
+
+    def run(key: str, items: list[str]) -> list[str]:
+        if "hang" in items:
+            stuck.wait(5)
+        return items
+
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=0.2, on_timeout=timeout)
+    hanging = threading.Thread(target=group, args=("A", "hang"))
+    hanging.start()
+    time.sleep(0.02)
+    started = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        group("A", "waiter")
+    assert 0.2 <= time.monotonic() - started < 2
+    stuck.set()
+    hanging.join(5)
+    # the withdrawn caller's item was not run later, and the key works again
+    assert group("A", "next") == "next"
+
+
+@pytest.fixture
+def ledger(redis_client: redis.Redis) -> Ledger:
+    return Ledger(redis_client, prefix="grp", ttl_s=3600, guard_ttl_s=30)
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_claims_and_finishes_of_32_threads_are_grouped_and_each_event_is_claimed_once(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    limits = Limits(RateLimit(1_000_000, burst=1_000))
+    redis_client.config_resetstat()
+
+    def attempt(i: int) -> tuple[str, int, bool, str]:
+        event_id = f"ev{i % (THREADS // 2)}"  # two threads race for each event
+        claim = ledger.claim(event_id, f"tok{i}", "A", limits)
+        released = False
+        if claim.state is ClaimState.OK:
+            time.sleep(0.01)  # the POST
+            released = ledger.finish(event_id, f"tok{i}", "A", FinishMode.DELIVERED, "200:1")
+        return claim.state.value, claim.attempt, released, event_id
+
+    results = run_threads(THREADS, attempt)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    winners = [r for r in results if isinstance(r, tuple) and r[0] == "ok"]
+    # exactly one attempt per event got the claim (the other saw it busy or delivered)
+    assert sorted(r[3] for r in winners) == sorted(f"ev{i}" for i in range(THREADS // 2))
+    assert all(r[1] == 1 and r[2] for r in winners)
+    for i in range(THREADS // 2):
+        assert redis_client.get(f"grp:delivered:ev{i}") == b"200:1"
+        assert not redis_client.exists(f"grp:inflight:ev{i}", f"grp:attempts:ev{i}")
+    calls = evalsha_calls(redis_client)
+    assert calls < THREADS + THREADS // 2, f"{calls} script calls for 48 claims and finishes"
+    assert ledger._claims.items == THREADS
