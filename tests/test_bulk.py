@@ -18,7 +18,7 @@ import redis
 from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
-from metrix_s2s import InvalidEvent, delivery, operations, tasks
+from metrix_s2s import InvalidEvent, delivery, operations, pending, tasks
 from metrix_s2s import batch as batch_engine
 from metrix_s2s import settings as settings_module
 from metrix_s2s.batch import deliver_many
@@ -133,6 +133,7 @@ def test_the_reconciler_sees_events_queued_in_a_batch(
     producer_env: None, redis_client: redis.Redis
 ) -> None:
     tasks.send_metrix_events.delay(APP_ID, batch(5))
+    pending.flush()  # the records are written behind .delay(), a few milliseconds later
     settings = dataclasses.replace(settings_module.get_settings(), pending_max_age_s=0)
     report = operations.reconciler(settings).run(now=now_ms() + 1)
     assert (report.examined, report.in_broker, report.requeued) == (5, 5, 0)

@@ -14,7 +14,7 @@ import redis
 from conftest import APP_ID, Worker, make_event, wait_until
 from fake_metrix import FakeMetrix
 
-from metrix_s2s import operations
+from metrix_s2s import operations, pending
 from metrix_s2s import settings as settings_module
 from metrix_s2s.names import EVENT_IDS_HEADER
 from metrix_s2s.reconcile import Reconciler, message_event_ids
@@ -25,6 +25,9 @@ pytestmark = pytest.mark.slow
 
 
 def reconciler(max_age_s: float = 0) -> Reconciler:
+    """A reconciler; the events this process enqueued are recorded as pending first (their
+    records are written behind ``.delay()``, a few milliseconds later)."""
+    pending.flush()
     settings = dataclasses.replace(settings_module.get_settings(), pending_max_age_s=max_age_s)
     return operations.reconciler(settings)
 
@@ -83,6 +86,7 @@ def test_delivered_and_dead_lettered_events_are_just_forgotten(
     producer: Any, redis_client: redis.Redis
 ) -> None:
     ids = [producer.delay(APP_ID, make_event(metrixUserId=f"u{i}")).id for i in range(2)]
+    pending.flush()
     redis_client.delete(QUEUE)
     redis_client.set(f"metrix:delivered:{ids[0]}", "200:1")
     redis_client.hset(f"metrix:dlq:entry:{ids[1]}", "reason", "rejected")
@@ -125,6 +129,7 @@ def test_an_event_pending_without_its_message_is_reported_as_such_not_as_requeue
 ) -> None:
     # Given a lost event whose pending record has no message to re-enqueue it from
     event_id = producer.delay(APP_ID, make_event()).id
+    pending.flush()
     redis_client.delete(QUEUE)
     redis_client.hdel("metrix:pending:msg", event_id)
     # When the reconciler runs

@@ -27,15 +27,15 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.local import Proxy
 from celery.worker.request import Request
 
+from .. import pending
 from ..backoff import compute_backoff
 from ..delivery import Action, NotRecorded, get_deliverer
 from ..errors import EnqueueError
 from ..logs import one_line
 from ..names import TASK_NAME
 from ..producer import producer_app
-from ..schema import now_ms, validate_app_id, validate_event
+from ..schema import validate_app_id, validate_event
 from ..settings import start_embedded_for
-from ..stores import get_ledger
 
 logger = logging.getLogger("metrix_s2s.tasks")
 
@@ -191,15 +191,12 @@ def _display(app_id: Any, event: Any) -> dict[str, str]:
 def mark_pending(entries: Mapping[str, tuple[str, Any]]) -> None:
     """Record published events as pending, so that the reconciler can tell if the broker loses one.
 
-    Written only after the broker took the message: an event whose ``.delay()`` failed is never
-    delivered behind the producer's back. If Redis cannot take the record, the event is still
-    queued; it only loses the reconciler's protection, so this warns instead of failing.
+    Called only after the broker took the message: an event whose ``.delay()`` failed is never
+    delivered behind the producer's back. The record is written in the background, a few
+    milliseconds later (:mod:`metrix_s2s.pending`); if Redis cannot take it, the event is still
+    queued and only loses the reconciler's protection, so that is logged, not raised.
     """
-    try:
-        get_ledger().mark_pending(entries, now_ms())
-    except redis.RedisError as exc:
-        ids = ", ".join(list(entries)[:3]) + (", ..." if len(entries) > 3 else "")
-        logger.warning("events %s: queued, but not recorded as pending (%s)", ids, exc)
+    pending.record(entries)
 
 
 def is_republish(options: Mapping[str, Any]) -> bool:

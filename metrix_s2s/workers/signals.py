@@ -19,7 +19,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.exceptions import WorkerShutdown
 from celery.signals import beat_init, worker_init, worker_process_shutdown
 
-from .. import metrics
+from .. import metrics, pending
 from ..delivery import set_pool_size
 from ..keyspace import Keyspace
 from ..logs import use_json_logs
@@ -84,6 +84,8 @@ def serve_metrics(pool_cls: Any) -> None:
 
 
 def _on_child_exit(sender: Any = None, pid: int | None = None, **_: Any) -> None:
+    # A prefork child leaves without running atexit: its pending records are written first.
+    pending.flush()
     if pid is not None:
         metrics.child_exited(pid)
 
