@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ from celery import Celery, _state
 from metrix_s2s.settings import RetryPolicy, Settings
 from metrix_s2s.tasks import QUEUE, TASK_NAME
 from metrix_s2s.workers import create_app, recommended_settings
+from metrix_s2s.workers.transport import TRANSPORT, Channel
 
 SETTINGS = Settings(broker_url="redis://127.0.0.1:1/0", redis_url="redis://127.0.0.1:1/0")
 
@@ -138,3 +140,55 @@ def test_configure_app_merges_into_a_projects_own_settings(
         assert settings_module.get_settings().redis_url == "redis://127.0.0.1:4/1"
     finally:
         settings_module.configure(None)
+
+
+@pytest.mark.parametrize(
+    ("broker", "own", "expected"),
+    [
+        ("redis://127.0.0.1:4/1", None, TRANSPORT),
+        ("redis://127.0.0.1:4/1", "redis", "redis"),  # a project's own choice is kept
+        ("amqp://guest:guest@127.0.0.1:5672//", None, None),
+        ("sentinel://127.0.0.1:26379", None, None),
+    ],
+)
+def test_a_redis_broker_gets_the_transport_with_one_client_per_pool(
+    restore_celery_state: None, broker: str, own: str | None, expected: str | None
+) -> None:
+    from metrix_s2s import settings as settings_module
+    from metrix_s2s.workers import configure_app
+
+    app = Celery("proj", broker=broker)
+    app.conf.broker_transport = own
+    state = dataclasses.replace(SETTINGS, redis_url_explicit=True)  # a broker that is not Redis
+    try:
+        configure_app(app, state)
+        assert app.conf.broker_transport == expected
+    finally:
+        settings_module.configure(None)
+    assert create_app(SETTINGS).conf.broker_transport == TRANSPORT
+
+
+def test_the_channel_hands_out_one_client_per_connection_pool(redis_url: str) -> None:
+    from kombu import Connection
+
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, Channel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.connection_pool is channel.pool
+            assert first.ping()
+        given = object()
+        with channel.conn_or_acquire(given) as client:
+            assert client is given
+        channel._pool = None  # the pool replaced (kombu does so after a connection error)
+        with channel.conn_or_acquire() as third:
+            assert third is not first
+            assert third.connection_pool is channel.pool
+        # and it is a working transport: a message round trip
+        queue = conn.SimpleQueue(f"transport-test-{id(conn)}")
+        queue.put({"n": 1})
+        message = queue.get(timeout=5)
+        assert message.payload == {"n": 1}
+        message.ack()
+        queue.close()

@@ -23,6 +23,7 @@ from ..names import (
 )
 from ..settings import Settings, get_settings
 from . import signals
+from .transport import transport_for
 
 MAINTENANCE_TASKS = (REDRIVE_TASK, RECONCILE_TASK)
 
@@ -125,7 +126,10 @@ def configure_app(app: Any, settings: Settings | None = None) -> Any:
     beat schedule into the app's own (the project's transport options, routes, annotations and
     schedule entries are kept; the visibility timeout is raised if the project's is too short for
     metrix-s2s's retry waits), and points metrix-s2s's state (dead letters, ledger) at the app's
-    broker when that is Redis and ``METRIX_REDIS_URL`` is not set. Returns the app.
+    broker when that is Redis and ``METRIX_REDIS_URL`` is not set. A ``redis://`` broker gets
+    kombu's Redis transport with one client per connection pool
+    (:mod:`metrix_s2s.workers.transport`) unless the project set ``broker_transport``. Returns
+    the app.
     """
     s = (settings or get_settings()).for_broker(app.conf.broker_url or get_settings().broker_url)
     settings_module.configure(s)
@@ -165,6 +169,8 @@ def configure_app(app: Any, settings: Settings | None = None) -> Any:
         task_annotations=merged_annotations,
         beat_schedule={**schedule, **(conf.beat_schedule or {})},
     )
+    if not conf.broker_transport and (ours_transport := transport_for(conf.broker_url or "")):
+        conf.broker_transport = ours_transport  # kombu's Redis transport, one client per pool
     include = tuple(conf.include or ())
     conf.include = (*include, *(m for m in modules if m not in include))
     signals.connect()
@@ -189,6 +195,7 @@ def own_app_settings(settings: Settings | None = None) -> dict[str, Any]:
     s = settings or get_settings()
     return recommended_settings(s) | {
         "broker_url": s.broker_url,
+        "broker_transport": transport_for(s.broker_url),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
