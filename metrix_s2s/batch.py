@@ -53,11 +53,12 @@ _HANDED_BACK = "batch"
 
 
 def deliver_many(
-    deliverer: Deliverer, app_id: Any, items: list[tuple[str, Any]]
+    deliverer: Deliverer, app_id: Any, items: list[tuple[str, Any]], *, validated: bool = False
 ) -> list[tuple[str, Any, Verdict | None]]:
     """Deliver many events of one app: ``(event_id, event, verdict)`` for each of ``items``
     (``(event_id, event)`` pairs); ``verdict`` is ``None`` when Redis could not be reached for
-    that event (nothing was decided: try it again later)."""
+    that event (nothing was decided: try it again later). ``validated``: metrix-s2s's producer
+    validated them (see :meth:`Deliverer.check`)."""
     results: list[Verdict | None] = [None] * len(items)
     ready: list[_Entry] = []
     app: AppConfig | None = None
@@ -66,7 +67,7 @@ def deliver_many(
             if event_id in deliverer.unrecorded:  # delivered before; only its record is missing
                 results[index] = deliverer.deliver(app_id, event, event_id)
                 continue
-            checked = deliverer.check(app_id, event)
+            checked = deliverer.check(app_id, event, validated=validated)
             if isinstance(checked, Rejected):
                 decided = Decided(event_id, checked.event, checked.verdict)
                 results[index] = deliverer.record_one(str(app_id), decided)

@@ -109,16 +109,23 @@ class Deliverer:
     # -- one event -------------------------------------------------------------------------
 
     def deliver(
-        self, app_id: Any, event: Any, event_id: str, *, carried: Carried | None = None
+        self,
+        app_id: Any,
+        event: Any,
+        event_id: str,
+        *,
+        carried: Carried | None = None,
+        validated: bool = False,
     ) -> Verdict:
         """Make one attempt at delivering ``event`` for ``app_id``; never raises for a bad event
         or a bad answer (only for Redis being unreachable: :class:`NotRecorded` when a POST that
         Metrix accepted could not be recorded). A delivery ``carried`` in the message, or left
-        unrecorded by this process, is recorded without sending the event again."""
+        unrecorded by this process, is recorded without sending the event again. ``validated``:
+        see :meth:`check`."""
         known = carried or self.unrecorded.get(event_id)
         if known is not None:
             return self._record_late(str(app_id), event_id, known)
-        checked = self.check(app_id, event)
+        checked = self.check(app_id, event, validated=validated)
         if isinstance(checked, Rejected):
             return self.record_one(str(app_id), Decided(event_id, checked.event, checked.verdict))
         app, normalized = checked.app, checked.event
@@ -142,9 +149,10 @@ class Deliverer:
             app.app_id, self.decided(app, event_id, normalized, token, verdict, latency_ms)
         )
 
-    def check(self, app_id: Any, event: Any) -> Valid | Rejected:
-        """The event validated and its app looked up (see :func:`metrix_s2s.verdicts.check`)."""
-        return verdicts.check(self.settings, app_id, event, now_ms=now_ms())
+    def check(self, app_id: Any, event: Any, *, validated: bool = False) -> Valid | Rejected:
+        """The event validated (unless the message says metrix-s2s's producer ``validated`` it)
+        and its app looked up (see :func:`metrix_s2s.verdicts.check`)."""
+        return verdicts.check(self.settings, app_id, event, now_ms=now_ms(), validated=validated)
 
     def send(
         self, app: AppConfig, event: Any, event_id: str, token: str, claim: Claim

@@ -214,6 +214,12 @@ def validate_app_id(app_id: Any) -> str:
     return app_id
 
 
+#: The version of the rules :func:`validate_event` applies, carried by every message metrix-s2s's
+#: own producer validated (``metrix_validated``): a worker trusts a message only when it was
+#: validated under the same rules, and validates any other. Raise it when a rule changes.
+RULES_VERSION = "1"
+
+
 def validate_event(event: Any, *, now: int | None = None) -> dict[str, Any]:
     """Validate and normalise one event; stamp ``eventTime`` with ``now`` when it is absent.
 

@@ -132,14 +132,23 @@ class Rejected:
     verdict: Verdict
 
 
-def check(settings: Settings, app_id: Any, event: Any, *, now_ms: int) -> Valid | Rejected:
+def check(
+    settings: Settings, app_id: Any, event: Any, *, now_ms: int, validated: bool = False
+) -> Valid | Rejected:
     """Validate the app id and the event, and find the app: an invalid event or an app the
-    worker does not know is dead-lettered (``invalid``, ``config``) and never sent."""
-    try:
-        validate_app_id(app_id)
-        normalized = validate_event(event, now=now_ms)
-    except InvalidEvent as exc:
-        return Rejected(event, dead(Reason.INVALID, format_messages(exc.messages)))
+    worker does not know is dead-lettered (``invalid``, ``config``) and never sent.
+
+    ``validated``: the message says metrix-s2s's own producer validated and normalised it under
+    the same rules (:data:`~metrix_s2s.schema.RULES_VERSION`); only its shape is checked then.
+    """
+    if validated and isinstance(app_id, str) and isinstance(event, dict):
+        normalized = event
+    else:
+        try:
+            validate_app_id(app_id)
+            normalized = validate_event(event, now=now_ms)
+        except InvalidEvent as exc:
+            return Rejected(event, dead(Reason.INVALID, format_messages(exc.messages)))
     app = settings.app(app_id)
     if app is None:
         detail = f"app {app_id!r} is not configured in METRIX_APPS on the worker"

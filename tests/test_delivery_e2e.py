@@ -16,7 +16,9 @@ from fake_metrix import FakeMetrix
 
 from metrix_s2s import InvalidEvent
 from metrix_s2s.deadletter import DeadLetter, DeadLetterStore, Reason
+from metrix_s2s.schema import RULES_VERSION
 from metrix_s2s.tasks import QUEUE, TASK_NAME
+from metrix_s2s.tasks.send import VALIDATED_HEADER
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +87,7 @@ def test_the_message_carries_app_event_and_id_but_never_the_dev_key(
     assert message["headers"]["task"] == TASK_NAME
     assert message["headers"]["id"] == result.id
     assert message["content-type"] == "application/json"
+    assert message["headers"][VALIDATED_HEADER] == RULES_VERSION  # validated here: not again
     assert DEV_KEY not in raw.decode()
     uuid.UUID(result.id)
 
@@ -194,22 +197,47 @@ def test_an_unknown_app_dead_letters_without_a_request(
     assert fake_metrix.requests == []
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {VALIDATED_HEADER: "0"}],
+    ids=["unmarked", "validated-under-other-rules"],
+)
 def test_an_invalid_message_from_elsewhere_is_dead_lettered_not_sent(
     producer: Any,
     fake_metrix: FakeMetrix,
     start_worker: Callable[..., Worker],
     redis_client: redis.Redis,
+    headers: dict[str, str],
 ) -> None:
-    # Given a message published without going through validation (another producer, by hand)
+    # Given a message published without going through validation (another producer, by hand),
+    # or validated under rules of another version
     start_worker(fake_metrix.url)
     app = producer.app
     bad = make_event(idfa="38400000-8cf0-11bd-b23e-10b96e40000e")  # both device ids
-    event_id = app.send_task(TASK_NAME, args=(APP_ID, bad), queue=QUEUE).id
+    event_id = app.send_task(TASK_NAME, args=(APP_ID, bad), queue=QUEUE, headers=headers).id
     letter = dead_letter(redis_client, event_id)
     assert letter.reason is Reason.INVALID
     assert "not both" in letter.detail
     assert letter.event == bad
     assert fake_metrix.requests == []
+
+
+def test_a_message_our_producer_validated_is_not_validated_again(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+) -> None:
+    # Given a message that carries the mark of metrix-s2s's producer under these rules: the
+    # worker takes the event as the producer normalised it. Its event would not pass validation
+    # (the mark is what is trusted, as the broker's own publishers are), so the POST shows that
+    # the worker did not validate it again; without the mark it is dead-lettered (above).
+    start_worker(fake_metrix.url)
+    marked = {k: v for k, v in make_event().items() if k != "eventTime"}
+    producer.app.send_task(
+        TASK_NAME, args=(APP_ID, marked), queue=QUEUE, headers={VALIDATED_HEADER: RULES_VERSION}
+    )
+    assert wait_until(lambda: len(fake_metrix.requests) == 1)
+    assert "eventTime" not in fake_metrix.requests[0].body  # not stamped: not validated again
 
 
 def test_retries_exhausted_dead_letters_with_the_last_answer(

@@ -37,6 +37,8 @@ from .send import (
     maybe_published,
     retry_or_requeue,
     unpack,
+    validated_headers,
+    was_validated,
 )
 
 logger = logging.getLogger("metrix_s2s.tasks")
@@ -46,8 +48,11 @@ def _unpack(args: Any, kwargs: Mapping[str, Any] | None) -> tuple[Any, Any]:
     return unpack(args, kwargs, ("app_id", "events"), "send_metrix_events")
 
 
-def _options(app_id: str, items: list[list[Any]], options: dict[str, Any]) -> dict[str, Any]:
-    headers = dict(options.get("headers") or {})
+def _options(
+    app_id: str, items: list[list[Any]], options: dict[str, Any], *, validated: bool
+) -> dict[str, Any]:
+    """The batch's headers (its event ids; the mark of a batch validated here) and display."""
+    headers = validated_headers(options) if validated else dict(options.get("headers") or {})
     headers[EVENT_IDS_HEADER] = [item[0] for item in items]
     shown = [[item[0], masked(item[1])] for item in items[:3]]
     more = f" + {len(items) - 3} more" if len(items) > 3 else ""
@@ -83,7 +88,7 @@ class SendEventsTask(SendEventTask):
     ) -> Any:
         app_id, events = _unpack(args, kwargs)
         if is_republish(options):  # a smaller batch going back after a retryable failure
-            opts = _options(app_id, events, options)
+            opts = _options(app_id, events, options, validated=False)  # its headers say
             return super(SendEventTask, self).apply_async(args, kwargs, task_id, *more, **opts)
         normalized = validate_events(app_id, events)
         ids = [str(uuid.uuid4()) for _ in normalized]
@@ -112,7 +117,11 @@ class SendEventsTask(SendEventTask):
             try:
                 results.append(
                     super(SendEventTask, self).apply_async(
-                        (app_id, batch), None, batch_id, *more, **_options(app_id, batch, options)
+                        (app_id, batch),
+                        None,
+                        batch_id,
+                        *more,
+                        **_options(app_id, batch, options, validated=True),
                     )
                 )
             except PUBLISH_ERRORS as exc:
@@ -161,7 +170,8 @@ def _send_metrix_events(self: SendEventsTask, app_id: Any, items: Any) -> dict[s
         if carried is not None:  # delivered by an earlier attempt; only its record is missing
             deliverer.unrecorded.setdefault(event_id, carried)
     try:
-        outcomes = deliver_many(deliverer, app_id, [(i, e) for i, e, _ in batch])
+        items_ = [(i, e) for i, e, _ in batch]
+        outcomes = deliver_many(deliverer, app_id, items_, validated=was_validated(self))
     except Exception as exc:  # a time limit, say: nothing more is known of the rest
         logger.warning("batch %s: %s; trying its events again", self.request.id, exc)
         outcomes = [(i, e, None) for i, e, _ in batch]

@@ -34,7 +34,7 @@ from ..errors import EnqueueError
 from ..logs import one_line
 from ..names import TASK_NAME
 from ..producer import producer_app
-from ..schema import validate_app_id, validate_event
+from ..schema import RULES_VERSION, validate_app_id, validate_event
 from ..settings import start_embedded_for
 
 logger = logging.getLogger("metrix_s2s.tasks")
@@ -48,6 +48,10 @@ REQUEUE_WAIT_S = 5.0
 #: The header with which metrix-s2s marks its own re-publish of an attempt (a retry): only that
 #: skips validation, since the event was validated when first enqueued.
 REPUBLISH_HEADER = "metrix_republish"
+#: The header with which metrix-s2s's producer marks a message it validated and normalised, its
+#: value the rules' version (:data:`~metrix_s2s.schema.RULES_VERSION`): a worker under the same
+#: rules does not validate such a message again. Kept by Celery's retries.
+VALIDATED_HEADER = "metrix_validated"
 #: The keyword argument of a re-published attempt that carries a delivery Metrix accepted but the
 #: ledger could not record: ``[value, token]``.
 CARRIED_KWARG = "delivered"
@@ -149,7 +153,7 @@ class SendEventTask(Task):  # type: ignore[misc]  # celery ships no type hints
         """Publish an event that :func:`~metrix_s2s.schema.validate_event` returned, under
         ``event_id``, and record it as pending: ``apply_async`` after validation, for callers that
         validated it themselves (the outbox, which validated it when it wrote the row)."""
-        options.update(_display(app_id, normalized))
+        options.update(_display(app_id, normalized), headers=validated_headers(options))
         start_embedded_for(self.app.conf.broker_url)
         try:
             result = super().apply_async((app_id, normalized), None, event_id, *more, **options)
@@ -197,6 +201,16 @@ def mark_pending(entries: Mapping[str, tuple[str, Any]]) -> None:
     queued and only loses the reconciler's protection, so that is logged, not raised.
     """
     pending.record(entries)
+
+
+def validated_headers(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``apply_async``'s headers, with the mark of a message metrix-s2s validated."""
+    return {**(options.get("headers") or {}), VALIDATED_HEADER: RULES_VERSION}
+
+
+def was_validated(task: Task) -> bool:
+    """Whether the message being run says metrix-s2s's producer validated it under these rules."""
+    return (task.request.headers or {}).get(VALIDATED_HEADER) == RULES_VERSION
 
 
 def is_republish(options: Mapping[str, Any]) -> bool:
@@ -262,7 +276,9 @@ def _send_metrix_event(self: SendEventTask, *args: Any, **kwargs: Any) -> str:
             deliverer.dead_letter_malformed(event_id, list(args), kwargs, exc)
             return Action.DEAD_LETTERED.value
         try:
-            result = deliverer.deliver(app_id, event, event_id, carried=_carried(delivered))
+            result = deliverer.deliver(
+                app_id, event, event_id, carried=_carried(delivered), validated=was_validated(self)
+            )
         except Exception as exc:
             if isinstance(exc, redis.RedisError | SoftTimeLimitExceeded):
                 raise
