@@ -89,6 +89,8 @@ OWN_QUEUE = "metrix_s2s"
 DEFAULT_QUEUE = "celery"
 #: Seconds a worker gets for a warm shutdown before it is killed.
 STOP_TIMEOUT_S = 30.0
+#: The RabbitMQ of the "RabbitMQ as broker, Redis for state only" runs (skipped without one).
+RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def make_event(i: int, run: str) -> dict[str, Any]:
@@ -217,6 +219,54 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rabbitmq_pid() -> int | None:
+    """The PID of the local RabbitMQ's Erlang VM (``beam.smp``), to read its CPU time; None
+    when there is none on this machine."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+    return None
+
+
+def rabbitmq_connection() -> Any:
+    from kombu.connection import Connection
+
+    return Connection(RABBITMQ_URL, connect_timeout=3)  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def rabbitmq_available() -> bool:
+    try:
+        with rabbitmq_connection() as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception:
+        return False
+    return True
+
+
+#: The settings of the RabbitMQ runs: its broker, and the private Redis for state only.
+RABBITMQ_ENV_KEYS = ("CELERY_BROKER_URL", "METRIX_REDIS_URL")
+
+
+def rabbitmq_env(redis_url: str) -> dict[str, str]:
+    return dict(zip(RABBITMQ_ENV_KEYS, (RABBITMQ_URL, redis_url), strict=True))
+
+
+def enqueue_child_main() -> int:
+    """``--enqueue-child``: ``send_metrix_event.delay`` for each event of the JSON list on stdin,
+    on this process's broker (its environment's), then the pending records flushed."""
+    from metrix_s2s import send_metrix_event
+    from metrix_s2s.pending import flush
+
+    events = json.loads(sys.stdin.read())
+    for event in events:
+        send_metrix_event.delay(APP_ID, event)
+    flush()
+    return 0
 
 
 def children_of(pid: int) -> list[int]:
@@ -512,6 +562,9 @@ class Bench:
             for event in events:
                 send_metrix_event.delay(APP_ID, event)
             return OWN_QUEUE, len(events)
+        if path == "metrix_rabbitmq":
+            self._enqueue_child(events)
+            return OWN_QUEUE, len(events)
         if path == "bulk":
             for start in range(0, len(events), BATCH):
                 send_metrix_events.delay(APP_ID, events[start : start + BATCH])
@@ -521,6 +574,29 @@ class Bench:
         for event in events:
             task.delay(APP_ID, event)
         return (OWN_QUEUE if kind == "same" else DEFAULT_QUEUE), len(events)
+
+    def _enqueue_child(self, events: list[dict[str, Any]]) -> None:
+        """Publish ``events`` with ``send_metrix_event.delay`` from a process of its own whose
+        broker is RabbitMQ (this process's producer is bound to the Redis broker)."""
+        proc = subprocess.run(
+            [sys.executable, __file__, "--enqueue-child"],
+            input=json.dumps(events), env=self.env | rabbitmq_env(self.redis_server.url),
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise BenchError(f"enqueueing to RabbitMQ failed: {proc.stderr[-2000:]}")
+
+    def _queued(self, path: str, queue: str) -> int:
+        if path != "metrix_rabbitmq":
+            return int(self.redis.llen(queue))
+        with rabbitmq_connection() as conn:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+
+    def _purge_rabbitmq(self) -> None:
+        with rabbitmq_connection() as conn:
+            channel = conn.default_channel
+            with contextlib.suppress(Exception):
+                channel.queue_purge(OWN_QUEUE)
 
     def end_to_end(
         self,
@@ -538,6 +614,9 @@ class Bench:
         as is one made with ``informative``: not one the targets are about)."""
         label = f"{path}, {pool} {concurrency}, {latency * 1000:g} ms"
         self.flush()
+        if path == "metrix_rabbitmq":
+            self._purge_rabbitmq()
+            extra_env = {**rabbitmq_env(self.redis_server.url), **(extra_env or {})}
         self.fake.reset()
         self.fake.set_latency(latency)
         run = uuid.uuid4().hex[:8]
@@ -545,11 +624,12 @@ class Bench:
         started = time.perf_counter()
         queue, messages = self._enqueue_events(path, events)
         enqueue_s = time.perf_counter() - started
-        queued = self.redis.llen(queue)
+        queued = self._queued(path, queue)
         if queued != messages:
             raise BenchError(f"{label}: {messages} messages published, {queued} in {queue!r}")
         app = {"bare": "bench", "bare_default": "bench:default_app"}.get(path, "metrix_s2s.workers")
-        note = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items()) or None
+        shown = {k: v for k, v in (extra_env or {}).items() if k not in RABBITMQ_ENV_KEYS}
+        note = " ".join(f"{k}={v}" for k, v in shown.items()) or None
         tag = f"{path}-{pool}{concurrency}-{int(latency * 1000)}ms-{uuid.uuid4().hex[:4]}"
         if note:
             label += f", {note}"
@@ -584,7 +664,7 @@ class Bench:
             "peak_memory": memory,
             "cpu_ms_per_event": cpu,
             "setting": note,
-            "informative": informative or note is not None,
+            "informative": informative or note is not None or path == "metrix_rabbitmq",
         }
 
     def _wait_for(
@@ -595,20 +675,25 @@ class Bench:
         last (so the worker's start-up is left out)."""
         started = time.monotonic()
         deadline = started + timeout
-        first: tuple[int, float, float] | None = None
+        first: tuple[int, float, float, float] | None = None
         redis_pid = self.redis_server.pid
+        broker_pid = rabbitmq_pid() if "rabbitmq" in label else None
         while True:
             received = self.fake.requests
             accepted = sum(1 for r in received if r.status == 200)
             if accepted and first is None:
-                first = (accepted, worker.cpu_seconds(), cpu_seconds(redis_pid))
+                broker = cpu_seconds(broker_pid) if broker_pid else 0.0
+                first = (accepted, worker.cpu_seconds(), cpu_seconds(redis_pid), broker)
             if accepted >= n:
-                count, worker_cpu, redis_cpu = first or (0, 0.0, 0.0)
+                count, worker_cpu, redis_cpu, broker_cpu = first or (0, 0.0, 0.0, 0.0)
                 events = max(1, accepted - count)
                 cpu = {
                     "worker": round((worker.cpu_seconds() - worker_cpu) / events * 1000, 2),
                     "redis": round((cpu_seconds(redis_pid) - redis_cpu) / events * 1000, 2),
                 }
+                if broker_pid:
+                    used = cpu_seconds(broker_pid) - broker_cpu
+                    cpu["rabbitmq"] = round(used / events * 1000, 2)
                 return time.monotonic() - started, cpu
             if worker.proc.poll() is not None:
                 raise BenchError(
@@ -978,6 +1063,9 @@ def plan(sizes: Sizes) -> list[list[Run]]:
     )
     if not sizes.informative:
         return groups
+    # Scale: RabbitMQ as the broker, the private Redis for state only (informative).
+    if rabbitmq_available():
+        groups.append([Run("metrix_rabbitmq", "threads", THREADS, lat, n) for lat in (0.0, 0.05)])
     # Informative, not targets: a quarter of the default bulk concurrency, and another pool size.
     narrow = {"METRIX_BULK_CONCURRENCY": str(BULK_CONCURRENCY // 4)}
     groups.append([Run("bulk", "threads", THREADS, 0.05, n, narrow)])
@@ -1057,7 +1145,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ),
                 "cpu_ms_per_event": {
                     part: round(statistics.median(r["cpu_ms_per_event"][part] for r in same), 2)
-                    for part in ("worker", "redis")
+                    for part in same[0]["cpu_ms_per_event"]
                 },
             }
         )
@@ -1185,6 +1273,7 @@ _PATHS = {
     "bulk": f"metrix-s2s bulk, {BATCH}/call",
     "bare": "bare task, metrix-s2s's config",
     "bare_default": "bare task, default Celery()",
+    "metrix_rabbitmq": "metrix-s2s, RabbitMQ broker, Redis state",
 }
 
 
@@ -1277,6 +1366,8 @@ def _render_end_to_end(rows: list[dict[str, Any]], out: list[str]) -> None:
             f"{what:<42} {r['events']:>6} {r['events_per_s']:>9.1f} {spread:>{width}} {cpu:>13} "
             f"{rss:>12}"
         )
+        if "rabbitmq" in r["cpu_ms_per_event"]:
+            add(f"      and RabbitMQ's CPU: {r['cpu_ms_per_event']['rabbitmq']:.2f} ms/event")
         if r["duplicates"] or r["non_200"]:
             add(f"      (!) duplicates {r['duplicates']}, non-200 answers {r['non_200']}")
     if any(r["informative"] for r in rows):
@@ -1345,6 +1436,8 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["--requests-loop"]:
         return requests_loop_main(int(args_list[1]), int(args_list[2]))
+    if args_list[:1] == ["--enqueue-child"]:
+        return enqueue_child_main()
     if args_list[:1] == ["--outbox-child"]:
         variant, n, warmup = args_list[1], int(args_list[2]), int(args_list[3])
         return outbox_child_main(variant == "with_outbox", n, warmup)
