@@ -188,3 +188,16 @@ def test_an_attempt_count_of_an_earlier_version_is_counted_anew(
     redis_client.hset("t:attempts:e2", mapping={"n": 3, "first": 1})
     ledger.unclaim("e2", "tok-a", "A")  # an undo leaves such a count alone
     assert redis_client.type("t:attempts:e2") == b"hash"
+
+
+def test_a_call_with_more_members_than_one_command_takes_records_them_all(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    # variadic.lua sends at most 1000 members per command: 1,500 records are 3,000 members
+    entries = {f"e{i}": ("A", {"n": i}) for i in range(1500)}
+    ledger.mark_pending(entries, now_ms=5)
+    assert redis_client.zcard("t:pending") == 1500
+    assert redis_client.zscore("t:pending", "e1499") == 5
+    assert json.loads(redis_client.hget("t:pending:msg", "e1499")) == ["A", {"n": 1499}]
+    ledger.forget([f"e{i}" for i in range(1500)])
+    assert redis_client.zcard("t:pending") == 0

@@ -94,5 +94,5 @@ for i = 12, #ARGV, 2 do
   end
 end
 store_tats(now_us)
-variadic({'ZADD', KEYS[1], 'XX'}, seen)
+variadic('ZADD', KEYS[1], seen, 'XX')
 return out

@@ -54,11 +54,11 @@ for i = 6, #ARGV, 4 do
     released[#released + 1] = 0
   end
 end
-variadic({'HDEL', KEYS[3]}, delivered)
-variadic({'ZADD', KEYS[1], 'XX'}, seen)
-variadic({'DEL'}, attempts_done)
-variadic({'ZREM', KEYS[1]}, done)
-variadic({'HDEL', KEYS[2]}, done)
+variadic('HDEL', KEYS[3], delivered)
+variadic('ZADD', KEYS[1], seen, 'XX')
+variadic('DEL', false, attempts_done)
+variadic('ZREM', KEYS[1], done)
+variadic('HDEL', KEYS[2], done)
 local pause = tonumber(ARGV[5])
 if pause > 0 and redis.call('PTTL', KEYS[4]) < pause then
   redis.call('SET', KEYS[4], '1', 'PX', pause)

@@ -18,5 +18,5 @@ for i = 4, #ARGV, 2 do
     messages[#messages + 1] = ARGV[i + 1]
   end
 end
-variadic({'ZADD', KEYS[1]}, scored)
-variadic({'HSET', KEYS[2]}, messages)
+variadic('ZADD', KEYS[1], scored)
+variadic('HSET', KEYS[2], messages)

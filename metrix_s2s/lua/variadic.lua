@@ -1,17 +1,20 @@
 -- variadic.lua: one command for many members, as a function for the scripts that include it
 -- (claim.lua, finish.lua, mark_pending.lua). No KEYS or ARGV of its own.
 --
--- variadic(head, list) runs the command `head` (a table: the command, its key and options) with
--- the members of list appended, once per 1000 of them (Lua's unpack is bounded), and not at all
--- for an empty list.
+-- variadic(command, key, list, option) runs `command key [option] members...` with the members
+-- of list, once per 1000 of them (Lua's unpack is bounded), and not at all for an empty list;
+-- with key false, `command members...`.
 
-local function variadic(head, list)
-  local n, h = #list, #head
+local function variadic(command, key, list, option)
+  local n = #list
   for first = 1, n, 1000 do
-    local args = {unpack(head)}
-    for i = first, math.min(n, first + 999) do
-      args[h + i - first + 1] = list[i]
+    local last = math.min(n, first + 999)
+    if option then
+      redis.call(command, key, option, unpack(list, first, last))
+    elseif key then
+      redis.call(command, key, unpack(list, first, last))
+    else
+      redis.call(command, unpack(list, first, last))
     end
-    redis.call(unpack(args))
   end
 end
