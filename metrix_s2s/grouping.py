@@ -31,9 +31,9 @@ MAX_GROUP = 128
 class _Slot(Generic[T, R]):
     __slots__ = ("done", "error", "group", "item", "result")
 
-    def __init__(self, item: T) -> None:
+    def __init__(self, item: T, done: threading.Event | None = None) -> None:
         self.item = item
-        self.done = threading.Event()
+        self.done = done  # only a caller that queues waits (the one that calls at once does not)
         self.group: list[_Slot[T, R]] | None = None  # set when this slot leads the next call
         self.result: R | None = None
         self.error: BaseException | None = None
@@ -65,15 +65,17 @@ class GroupCommit(Generic[K, T, R]):
         self.items = 0
 
     def __call__(self, key: K, item: T) -> R:
-        slot: _Slot[T, R] = _Slot(item)
         with self._lock:
             if key in self._busy:
+                slot: _Slot[T, R] = _Slot(item, threading.Event())
                 self._queued.setdefault(key, []).append(slot)
                 group = None
             else:
                 self._busy.add(key)
+                slot = _Slot(item)
                 group = [slot]
         if group is None:
+            assert slot.done is not None
             if not slot.done.wait(self._timeout_s):
                 if self._withdraw(key, slot):
                     raise self._on_timeout()
@@ -120,8 +122,8 @@ class GroupCommit(Generic[K, T, R]):
                         self._queued[key] = queued[MAX_GROUP:]
                         queued = queued[:MAX_GROUP]
                     queued[0].group = queued
-                    queued[0].done.set()
+                    queued[0].done.set()  # type: ignore[union-attr]
                 else:
                     self._busy.discard(key)
             for s in group[1:]:
-                s.done.set()
+                s.done.set()  # type: ignore[union-attr]  # every queued caller has one
