@@ -4,9 +4,11 @@ A worker of the threads (or gevent) pool runs up to its concurrency of attempts 
 attempt asks the ledger twice (claim, finish). :class:`GroupCommit` turns those many small script
 calls into few larger ones, with no timer: a thread whose key has no call in flight makes its call
 at once, alone; threads that arrive while it is in flight queue up, and when it returns, the
-oldest of them makes one call for the whole queue. Each thread makes at most one call, and waits
-at most for the call in flight before its own: about one Redis round trip. Alone (prefork, solo,
-a quiet worker), a call costs one uncontended lock more than a direct one.
+oldest of them makes one call for the whole queue (up to :data:`MAX_GROUP` items). Each thread
+makes at most one call, and waits for the call in flight before its own: about one Redis round
+trip. Only callers that meet a call in flight are grouped: in a steady flow slower than one call
+per round trip, nearly every call goes alone. Alone (prefork, solo, a quiet worker), a call costs
+a few microseconds more than a direct one.
 
 A failed call raises its exception in every thread of its group, as each one's own call would
 have.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["MAX_GROUP", "GroupCommit"]
 
@@ -27,15 +29,17 @@ R = TypeVar("R")
 #: The most items one call takes; the rest wait for the next call.
 MAX_GROUP = 128
 
+_UNSET: Any = object()  # no result yet
+
 
 class _Slot(Generic[T, R]):
     __slots__ = ("done", "error", "group", "item", "result")
 
-    def __init__(self, item: T, done: threading.Event | None = None) -> None:
+    def __init__(self, item: T) -> None:
         self.item = item
-        self.done = done  # only a caller that queues waits (the one that calls at once does not)
-        self.group: list[_Slot[T, R]] | None = None  # set when this slot leads the next call
-        self.result: R | None = None
+        self.done: threading.Event | None = None  # only a caller that queues waits on it
+        self.group: list[_Slot[T, R]] | None = None  # set when this slot leads a call
+        self.result: R = _UNSET
         self.error: BaseException | None = None
 
 
@@ -44,7 +48,13 @@ class GroupCommit(Generic[K, T, R]):
 
     ``run`` returns one result per item, in order. ``timeout_s`` bounds a queued caller's wait
     for a call that does not return (a leader's own socket timeouts should end it long before):
-    the caller then raises ``on_timeout()``; its item may still be run.
+    the caller leaves the queue and raises ``on_timeout()``, and its item is not run.
+
+    A caller interrupted while it waits or leads (a time limit, a killed greenlet) never leaves
+    the key busy: a queued caller leaves the queue, a caller handed the lead passes it on, and a
+    leader interrupted in its call gives the others of its group ``on_timeout()`` (the call may or
+    may not have reached Redis: what a caller's own interrupted call would have left) and passes
+    the lead on.
     """
 
     def __init__(
@@ -65,65 +75,98 @@ class GroupCommit(Generic[K, T, R]):
         self.items = 0
 
     def __call__(self, key: K, item: T) -> R:
-        with self._lock:
-            if key in self._busy:
-                slot: _Slot[T, R] = _Slot(item, threading.Event())
-                self._queued.setdefault(key, []).append(slot)
-                group = None
-            else:
-                self._busy.add(key)
-                slot = _Slot(item)
-                group = [slot]
-        if group is None:
-            assert slot.done is not None
-            if not slot.done.wait(self._timeout_s):
-                if self._withdraw(key, slot):
-                    raise self._on_timeout()
-                slot.done.wait()  # taken into a call meanwhile: its outcome is on its way
-            group = slot.group
-            if group is None:  # another thread's call carried this item
-                if slot.error is not None:
-                    raise slot.error
-                return slot.result  # type: ignore[return-value]
-        self._lead(key, group)
+        slot: _Slot[T, R] = _Slot(item)
+        leading = settled = False
+        try:
+            with self._lock:
+                if key in self._busy:
+                    slot.done = threading.Event()
+                    self._queued.setdefault(key, []).append(slot)
+                else:
+                    leading = True  # first: an interruption from here on frees the key
+                    slot.group = [slot]
+                    self._busy.add(key)
+            if not leading:
+                self._wait(key, slot)
+                leading = slot.group is not None
+            if leading:
+                self._call(key, slot.group or [slot])
+            settled = True
+        finally:
+            if leading:
+                self._done_leading(key, slot.group or [slot])
+            elif not settled:
+                self._abandon(key, slot)
         if slot.error is not None:
             raise slot.error
-        return slot.result  # type: ignore[return-value]
+        return slot.result
 
-    def _withdraw(self, key: K, slot: _Slot[T, R]) -> bool:
-        """Take a caller that waited too long out of its queue; False when it was handed the
-        lead or its outcome meanwhile (it then goes on as if it had not timed out)."""
+    def _wait(self, key: K, slot: _Slot[T, R]) -> None:
+        """Wait until another caller's call carried this one's item, or this one leads next."""
+        assert slot.done is not None
+        if slot.done.wait(self._timeout_s):
+            return
         with self._lock:
             queued = self._queued.get(key, [])
-            if slot in queued:
+            if slot in queued:  # still waiting: leave, unrun
                 queued.remove(slot)
-                return True
-            return False
+                slot.error = self._on_timeout()
+                return
+        slot.done.wait()  # carried or handed the lead meanwhile: that is on its way
 
-    def _lead(self, key: K, group: list[_Slot[T, R]]) -> None:
-        """Make the call for ``group``, hand each caller its outcome, and pass the lead on to the
-        oldest caller queued meanwhile (or free the key)."""
+    def _call(self, key: K, group: list[_Slot[T, R]]) -> None:
+        """Make the call for ``group``; each slot gets its result or the call's exception. An
+        interruption of this caller itself (not an ``Exception``) is re-raised, its group told."""
         try:
             results = self._run(key, [s.item for s in group])
             if len(results) != len(group):
                 raise RuntimeError(f"{len(results)} results for {len(group)} items")
-            for s, result in zip(group, results, strict=True):
-                s.result = result
-        except BaseException as exc:
+        except Exception as exc:
             for s in group:
                 s.error = exc
-        finally:
-            with self._lock:
-                self.calls += 1
-                self.items += len(group)
-                queued = self._queued.pop(key, None)
-                if queued:
-                    if len(queued) > MAX_GROUP:
-                        self._queued[key] = queued[MAX_GROUP:]
-                        queued = queued[:MAX_GROUP]
-                    queued[0].group = queued
-                    queued[0].done.set()  # type: ignore[union-attr]
-                else:
-                    self._busy.discard(key)
+            return
+        except BaseException:
             for s in group[1:]:
-                s.done.set()  # type: ignore[union-attr]  # every queued caller has one
+                s.error = self._on_timeout()
+            raise
+        for s, result in zip(group, results, strict=True):
+            s.result = result
+
+    def _done_leading(self, key: K, group: list[_Slot[T, R]]) -> None:
+        """After this caller's call (made or interrupted): the others of its group have their
+        outcome; the lead goes to the oldest caller queued meanwhile, or the key is freed."""
+        for s in group[1:]:
+            if s.result is _UNSET and s.error is None:
+                s.error = self._on_timeout()  # interrupted before its call was made
+        with self._lock:
+            self.calls += 1
+            self.items += len(group)
+            self._hand_on(key, [])
+        for s in group[1:]:
+            s.done.set()  # type: ignore[union-attr]  # every queued caller has one
+
+    def _abandon(self, key: K, slot: _Slot[T, R]) -> None:
+        """A queued caller interrupted: out of the queue, or, if it was just handed the lead,
+        the lead passed on to the rest of its group."""
+        with self._lock:
+            queued = self._queued.get(key, [])
+            if slot in queued:
+                queued.remove(slot)
+                return
+            group, slot.group = slot.group, None
+            if group is not None:
+                self._hand_on(key, [s for s in group if s is not slot])
+
+    def _hand_on(self, key: K, rest: list[_Slot[T, R]]) -> None:
+        """With the lock held: ``rest`` (or else the callers queued now, at most
+        :data:`MAX_GROUP`) lead by their oldest; with none, the key is free."""
+        if not rest:
+            queued = self._queued.pop(key, [])
+            rest, more = queued[:MAX_GROUP], queued[MAX_GROUP:]
+            if more:
+                self._queued[key] = more
+        if rest:
+            rest[0].group = rest
+            rest[0].done.set()  # type: ignore[union-attr]
+        else:
+            self._busy.discard(key)

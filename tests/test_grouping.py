@@ -129,6 +129,96 @@ def test_a_caller_queued_behind_a_call_that_never_returns_times_out() -> None:
     assert group("A", "next") == "next"
 
 
+class Interrupted(BaseException):
+    """What a time limit or a killed greenlet raises in a caller (not an ``Exception``)."""
+
+
+def interrupt_waits_of(monkeypatch: pytest.MonkeyPatch, victim: str, *, after: bool) -> None:
+    """Make the thread named ``victim`` interrupted in its wait: before it returns, or just
+    after it was woken (handed the lead or its outcome)."""
+
+    class Event(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread().name == victim and not after:
+                raise Interrupted
+            woken = super().wait(timeout)
+            if threading.current_thread().name == victim:
+                raise Interrupted
+            return woken
+
+    monkeypatch.setattr("metrix_s2s.grouping.threading.Event", Event)
+
+
+def start(
+    group: GroupCommit[str, str, str], name: str, item: str, out: dict[str, object]
+) -> threading.Thread:
+    def call() -> None:
+        try:
+            out[name] = group("A", item)
+        except BaseException as exc:
+            out[name] = exc
+
+    thread = threading.Thread(target=call, name=name)
+    thread.start()
+    return thread
+
+
+def free(group: GroupCommit[str, str, str]) -> bool:
+    """The key is free again: a call now runs at once, alone."""
+    return group._busy == set() and not group._queued.get("A")
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["while-queued", "when-handed-the-lead"])
+def test_an_interrupted_caller_never_leaves_the_key_busy_nor_its_group_stranded(
+    monkeypatch: pytest.MonkeyPatch, after: bool
+) -> None:
+    interrupt_waits_of(monkeypatch, "victim", after=after)
+    run = Slow(delay=0.1)
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=10, on_timeout=timeout)
+    out: dict[str, object] = {}
+    threads = [start(group, "leader", "first", out)]
+    time.sleep(0.03)  # the leader's call is in flight
+    threads.append(start(group, "victim", "victim-item", out))  # the oldest queued
+    time.sleep(0.01)
+    threads += [start(group, f"t{i}", f"item{i}", out) for i in range(3)]
+    for t in threads:
+        t.join(10)
+    assert isinstance(out["victim"], Interrupted)
+    assert out["leader"] == "A:first"
+    assert [out[f"t{i}"] for i in range(3)] == [f"A:item{i}" for i in range(3)]
+    assert "victim-item" not in [item for _, items in run.calls for item in items]
+    assert free(group)
+    assert group("A", "after") == "A:after"
+
+
+def test_a_leader_interrupted_in_its_call_passes_the_lead_and_tells_its_group() -> None:
+    calls: list[list[str]] = []
+
+    def run(key: str, items: list[str]) -> list[str]:
+        calls.append(list(items))
+        time.sleep(0.1)
+        if "doomed" in items:  # the leader of the second call is interrupted in it
+            raise Interrupted
+        return items
+
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=10, on_timeout=timeout)
+    out: dict[str, object] = {}
+    threads = [start(group, "first", "first", out)]
+    time.sleep(0.03)
+    threads.append(start(group, "doomed", "doomed", out))  # leads the next call
+    time.sleep(0.01)
+    threads += [start(group, f"t{i}", f"item{i}", out) for i in range(2)]
+    for t in threads:
+        t.join(10)
+    assert out["first"] == "first"
+    assert isinstance(out["doomed"], Interrupted)
+    # the others of its group were told, as their own interrupted call would have left them
+    assert all(isinstance(out[f"t{i}"], redis.TimeoutError) for i in range(2))
+    assert calls == [["first"], ["doomed", "item0", "item1"]]
+    assert free(group)
+    assert group("A", "after") == "after"
+
+
 @pytest.fixture
 def ledger(redis_client: redis.Redis) -> Ledger:
     return Ledger(redis_client, prefix="grp", ttl_s=3600, guard_ttl_s=30)
