@@ -123,6 +123,9 @@ def test_a_real_flower_turns_events_on_and_shows_the_tasks_masked(
             for secret in (ANDROID_ID, IP, DEV_KEY):
                 assert secret not in text
         assert "flower_events_total" in _get(port, "/metrics")
+        # and its broker pages read the Redis broker (metrix-s2s's transport shows as redis://)
+        queues = json.loads(_get(port, "/api/queues/length") or "{}")
+        assert QUEUE in [q["name"] for q in queues.get("active_queues", [])], queues
         # And the event delivered before it came is not there: the worker sent no events then
         assert before not in tasks
     finally:

@@ -8,8 +8,9 @@ task. A ``redis.Redis`` is safe to share between threads (each command takes a c
 the pool), so this channel keeps one per connection pool and hands it out instead: the same
 commands, on the same connections.
 
-Used when the broker URL is ``redis://`` (:func:`transport_for`); set Celery's
-``broker_transport`` to ``"redis"`` to use kombu's own.
+Used when the broker URL is ``redis://`` (:func:`transport_for`); ``rediss://`` (whose TLS
+defaults kombu ties to that scheme), ``redis+socket://`` and other brokers keep kombu's own, and
+so does an app whose ``broker_transport`` is set (``"redis"`` selects kombu's own).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 
 __all__ = ["TRANSPORT", "Channel", "Transport", "transport_for"]
@@ -47,6 +49,11 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+# A connection on this transport shows itself as redis:// (Connection.as_uri: Flower's broker
+# pages, Celery's banner), as kombu's own Redis transport does.
+kombu_connection.resolve_aliases.setdefault(TRANSPORT, "redis")
 
 
 def transport_for(broker_url: str) -> str | None:
