@@ -9,9 +9,10 @@ key                          type    owner    what it holds
 ``P:delivered:{event_id}``   string  ledger   ``"<status>:<ms>"``: delivered; TTL the ledger TTL
 ``P:inflight:{event_id}``    string  ledger   the token of the attempt sending it now; TTL the
                                               attempt's hard limit plus a margin
-``P:attempts:{event_id}``    string  ledger   ``"<n>:<first>"``: attempts claimed, ms of the
+``P:tries:{event_id}``       string  ledger   ``"<n>:<first>"``: attempts claimed, ms of the
                                               first; counts claims of workers that died
-                                              mid-attempt
+                                              mid-attempt (0.1.0 kept a hash under
+                                              ``P:attempts:``, left to expire)
 ``P:pending``                zset    ledger   event ids neither delivered nor dead-lettered, scored
                                               by when last seen alive (ms)
 ``P:pending:msg``            hash    ledger   event id -> JSON ``[app_id, event]``, to re-enqueue
@@ -70,7 +71,7 @@ class Keyspace:
         return self._key("inflight", event_id)
 
     def attempts(self, event_id: str) -> str:
-        return self._key("attempts", event_id)
+        return self._key("tries", event_id)
 
     @property
     def delivered_stem(self) -> str:

@@ -256,7 +256,7 @@ def test_retries_exhausted_dead_letters_with_the_last_answer(
     time.sleep(1)
     assert len(fake_metrix.requests) == 3
     # and its attempt budget is reset, so a re-drive starts afresh
-    assert not redis_client.exists(f"metrix:attempts:{event_id}")
+    assert not redis_client.exists(f"metrix:tries:{event_id}")
 
 
 def test_a_redelivered_message_is_not_sent_twice(
@@ -287,7 +287,7 @@ def test_a_message_that_keeps_crashing_workers_ends_as_poison(
     # Given an event already claimed max_attempts + max_redeliveries times by workers that died
     # before reaching a verdict (the state our attempt counter would hold)
     event_id = str(uuid.uuid4())
-    redis_client.set(f"metrix:attempts:{event_id}", f"{8 + 5}:1")
+    redis_client.set(f"metrix:tries:{event_id}", f"{8 + 5}:1")
     start_worker(fake_metrix.url)
     # When the broker hands it out once more
     producer.app.send_task(TASK_NAME, args=(APP_ID, make_event()), task_id=event_id, queue=QUEUE)

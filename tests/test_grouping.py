@@ -252,7 +252,7 @@ def test_claims_and_finishes_of_32_threads_are_grouped_and_each_event_is_claimed
     assert all(r[1] == 1 and r[2] for r in winners)
     for i in range(THREADS // 2):
         assert redis_client.get(f"grp:delivered:ev{i}") == b"200:1"
-        assert not redis_client.exists(f"grp:inflight:ev{i}", f"grp:attempts:ev{i}")
+        assert not redis_client.exists(f"grp:inflight:ev{i}", f"grp:tries:ev{i}")
     calls = evalsha_calls(redis_client)
     assert calls < THREADS + THREADS // 2, f"{calls} script calls for 48 claims and finishes"
     assert ledger._claims.items == THREADS

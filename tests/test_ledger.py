@@ -49,7 +49,7 @@ def test_a_delivered_event_is_never_claimed_again_and_is_forgotten_elsewhere(
     assert ledger.claim("e1", "tok-b", "A", FAST).state is ClaimState.DELIVERED
     assert redis_client.get("t:delivered:e1") == b"200:123"
     assert 3500 < redis_client.ttl("t:delivered:e1") <= 3600
-    for key in ("t:attempts:e1", "t:inflight:e1"):
+    for key in ("t:tries:e1", "t:inflight:e1"):
         assert not redis_client.exists(key)
     assert redis_client.zscore("t:pending", "e1") is None
     assert not redis_client.hexists("t:pending:msg", "e1")
@@ -98,7 +98,7 @@ def test_a_429_pauses_its_app_and_only_its_app(ledger: Ledger, redis_client: red
     assert paused.state is ClaimState.PAUSED
     assert 4000 < paused.wait_ms <= 5000
     assert ledger.claim("e3", "tok-c", "B", FAST).state is ClaimState.OK
-    assert not redis_client.exists("t:attempts:e2"), "a paused claim spends no attempt"
+    assert not redis_client.exists("t:tries:e2"), "a paused claim spends no attempt"
     # a shorter pause never shortens a longer one
     ledger.finish("e3", "tok-c", "B", FinishMode.RETRY, pause_ms=100)
     ledger.finish("e9", "tok-x", "A", FinishMode.RETRY, pause_ms=100)
@@ -122,7 +122,7 @@ def test_the_rate_limit_reserves_slots_and_refuses_beyond_the_longest_wait(
     assert 390 <= waits[4][1] <= 400
     assert 490 <= waits[5][1] <= 500
     assert 590 <= waits[6][1] <= 600
-    assert not redis_client.exists("t:attempts:e4"), "a limited claim spends no attempt"
+    assert not redis_client.exists("t:tries:e4"), "a limited claim spends no attempt"
     # another app has a bucket of its own
     assert ledger.claim("b1", "tok", "B", limits).wait_ms == 0
 
@@ -166,28 +166,28 @@ def test_an_undone_claim_gives_its_attempt_back_and_keeps_the_first_time(
     ledger.finish("e1", "tok-a", "A", FinishMode.RETRY)
     second = ledger.claim("e1", "tok-b", "A", FAST)
     assert (second.attempt, second.first_attempt_ms) == (2, first.first_attempt_ms)
-    ttl = redis_client.ttl("t:attempts:e1")
+    ttl = redis_client.ttl("t:tries:e1")
     ledger.unclaim("e1", "tok-b", "A")
-    assert redis_client.get("t:attempts:e1") == f"1:{first.first_attempt_ms}".encode()
-    assert 0 < redis_client.ttl("t:attempts:e1") <= ttl, "undo keeps the count's TTL"
+    assert redis_client.get("t:tries:e1") == f"1:{first.first_attempt_ms}".encode()
+    assert 0 < redis_client.ttl("t:tries:e1") <= ttl, "undo keeps the count's TTL"
     assert ledger.claim("e1", "tok-c", "A", FAST).attempt == 2
 
 
-def test_an_attempt_count_of_an_earlier_version_is_counted_anew(
+def test_an_attempt_count_of_an_earlier_version_is_neither_read_nor_touched(
     ledger: Ledger, redis_client: redis.Redis
 ) -> None:
-    # up to 0.1.0 attempt counts were hashes: a claim reads one as no count and replaces it
-    redis_client.hset("t:attempts:e1", mapping={"n": 3, "first": 1})
+    # 0.1.0 kept attempt counts as hashes under another key: workers of both versions, side by
+    # side in a rolling upgrade, never meet one key of two types (each counts its own attempts)
+    old = "t:attempts:e1"
+    redis_client.hset(old, mapping={"n": 3, "first": 1})
     claim = ledger.claim("e1", "tok-a", "A", FAST)
     assert claim.state is ClaimState.OK
     assert claim.attempt == 1
     ledger.finish("e1", "tok-a", "A", FinishMode.UNDO)
-    redis_client.hset("t:attempts:e2", mapping={"n": 3, "first": 1})
-    claim = ledger.claim("e2", "tok-a", "A", FAST)
-    redis_client.delete("t:attempts:e2")
-    redis_client.hset("t:attempts:e2", mapping={"n": 3, "first": 1})
-    ledger.unclaim("e2", "tok-a", "A")  # an undo leaves such a count alone
-    assert redis_client.type("t:attempts:e2") == b"hash"
+    ledger.claim("e1", "tok-b", "A", FAST)
+    ledger.finish("e1", "tok-b", "A", FinishMode.DELIVERED, "200:1")
+    assert redis_client.hgetall(old) == {b"n": b"3", b"first": b"1"}
+    assert not redis_client.exists("t:tries:e1")
 
 
 def test_a_call_with_more_members_than_one_command_takes_records_them_all(

@@ -8,7 +8,7 @@
 -- KEYS[5]  the app's line           P:rl:{app_id}:later
 -- ARGV[1]  stem of delivered keys   P:delivered:
 -- ARGV[2]  stem of in-flight guards P:inflight:
--- ARGV[3]  stem of attempt counts   P:attempts: ("<attempts>:<ms of the first>")
+-- ARGV[3]  stem of attempt counts   P:tries: ("<attempts>:<ms of the first>")
 -- ARGV[4]  guard TTL, ms
 -- ARGV[5]  attempts TTL, s
 -- ARGV[6]  app emission, us         ARGV[7] app tolerance, us

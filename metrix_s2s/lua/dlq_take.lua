@@ -6,7 +6,7 @@
 -- KEYS[1..4], ARGV[1..3]  as in dlq_drop.lua
 -- KEYS[5]  pending                  P:pending
 -- KEYS[6]  pending messages         P:pending:msg
--- ARGV[4]  stem of attempt counts   P:attempts:
+-- ARGV[4]  stem of attempt counts   P:tries:
 -- ARGV[5]  event id
 -- ARGV[6]  now, ms
 -- ARGV[7]  re-drive limit (-1: none)

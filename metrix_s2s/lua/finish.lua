@@ -7,7 +7,7 @@
 -- KEYS[4]  the app's pause          P:pause:{app_id}
 -- ARGV[1]  stem of delivered keys   P:delivered:
 -- ARGV[2]  stem of in-flight guards P:inflight:
--- ARGV[3]  stem of attempt counts   P:attempts:
+-- ARGV[3]  stem of attempt counts   P:tries:
 -- ARGV[4]  ledger TTL, s
 -- ARGV[5]  pause, ms (after a 429; 0: none)
 -- ARGV[6...] event id, token, mode, value quadruples. Modes (FinishMode):
