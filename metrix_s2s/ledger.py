@@ -8,8 +8,8 @@ and one after (:meth:`Ledger.finish`). The same two scripts take many events of 
 (:meth:`Ledger.claim_many`, :meth:`Ledger.finish_many`): a batch of the bulk path costs a few
 round trips in all, not two per event, and the single claims and finishes of concurrent threads
 (the threads and gevent pools) are made together, one script call per group
-(:class:`~metrix_s2s.grouping.GroupCommit`), so a worker's Redis sees a few calls for its whole
-concurrency instead of two per event.
+(:class:`~metrix_s2s.grouping.GroupCommit`): those that arrive while another is in flight share
+the next call.
 
 The ledger also keeps the pending records that the reconciler reads (:meth:`Ledger.stale`,
 :meth:`Ledger.examine`, :meth:`Ledger.claim_stale`). Its keys are listed in

@@ -1,7 +1,8 @@
 """What Metrix accepts, in its wire format: the single source of truth for event validation.
 
 :func:`validate_event` is the only entry point. The producer calls it before anything is
-published and the worker calls it again on every message (a message may come from elsewhere).
+published, and the worker calls it again on every message that does not carry the producer's
+mark of these rules (:data:`RULES_VERSION`): a message may come from elsewhere.
 It returns the event normalised for the wire (``eventTime`` stamped when absent and always int
 milliseconds) or raises :class:`~metrix_s2s.errors.InvalidEvent` carrying marshmallow's
 per-field messages.

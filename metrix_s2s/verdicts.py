@@ -139,16 +139,17 @@ def check(
     worker does not know is dead-lettered (``invalid``, ``config``) and never sent.
 
     ``validated``: the message says metrix-s2s's own producer validated and normalised it under
-    the same rules (:data:`~metrix_s2s.schema.RULES_VERSION`); only its shape is checked then.
+    the same rules (:data:`~metrix_s2s.schema.RULES_VERSION`); only the app id and the event's
+    type are checked then. The mark is trusted as the broker's publishers are: whoever can
+    publish to the broker can publish any valid event as well.
     """
-    if validated and isinstance(app_id, str) and isinstance(event, dict):
-        normalized = event
-    else:
-        try:
-            validate_app_id(app_id)
-            normalized = validate_event(event, now=now_ms)
-        except InvalidEvent as exc:
-            return Rejected(event, dead(Reason.INVALID, format_messages(exc.messages)))
+    try:
+        validate_app_id(app_id)
+        normalized = (
+            event if validated and isinstance(event, dict) else validate_event(event, now=now_ms)
+        )
+    except InvalidEvent as exc:
+        return Rejected(event, dead(Reason.INVALID, format_messages(exc.messages)))
     app = settings.app(app_id)
     if app is None:
         detail = f"app {app_id!r} is not configured in METRIX_APPS on the worker"

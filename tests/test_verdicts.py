@@ -252,3 +252,18 @@ def test_the_rules_read_only_their_settings() -> None:
     strict = replace(SETTINGS, retry=replace(SETTINGS.retry, max_attempts=1))
     outcome = Outcome(Kind.RETRYABLE, 500, detail="Metrix answered 500")
     assert verdicts.on_answer(strict, ok(attempt=1), outcome, half).reason is Reason.EXHAUSTED
+
+
+def test_a_message_marked_as_validated_is_taken_as_it_is_but_its_app_id_is_still_checked() -> None:
+    raw = {"eventSlug": "purchase"}  # would fail validation: no ids, no eventTime
+    valid = verdicts.check(SETTINGS, "app", raw, now_ms=1, validated=True)
+    assert isinstance(valid, Valid)
+    assert valid.event is raw
+    assert isinstance(verdicts.check(SETTINGS, "app", raw, now_ms=1), Rejected)
+    for bad_app in ("no spaces allowed", 7, ""):
+        rejected = verdicts.check(SETTINGS, bad_app, make_event(), now_ms=1, validated=True)
+        assert isinstance(rejected, Rejected)
+        assert rejected.verdict.reason is Reason.INVALID
+    listed = verdicts.check(SETTINGS, "app", ["not", "an", "event"], now_ms=1, validated=True)
+    assert isinstance(listed, Rejected)
+    assert listed.verdict.reason is Reason.INVALID
