@@ -61,9 +61,9 @@ class PendingWriter:
     def add(self, entries: Entries) -> None:
         """Take ``entries`` for writing soon; written here and now when the buffer is full."""
         with self._cond:
-            if len(self._buffer) < MAX_BUFFERED:
+            if len(self._buffer) + len(entries) <= MAX_BUFFERED:
                 self._buffer.update(entries)
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(
                         target=self._run, name="metrix-s2s-pending", daemon=True
                     )
@@ -75,27 +75,44 @@ class PendingWriter:
     def flush(self, timeout_s: float = FLUSH_WAIT_S) -> None:
         """Write every record taken so far, in this thread, after any write in flight."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._writing, timeout_s)
+            if not self._cond.wait_for(lambda: not self._writing, timeout_s):
+                logger.warning(
+                    "pending records: a write by the background thread did not end within %gs; "
+                    "writing the rest here",
+                    timeout_s,
+                )
             taken, self._buffer = self._buffer, {}
         if taken:
             self._write_logged(taken)
 
     def _run(self) -> None:
-        while True:
+        taken: dict[str, tuple[str, Any]] = {}
+        try:
+            while True:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: bool(self._buffer))
+                    self._writing = True
+                    full = len(self._buffer) >= MAX_BATCH
+                if not full:
+                    time.sleep(LINGER_S)  # let the records of the next publishes join this write
+                with self._cond:
+                    taken = dict(list(self._buffer.items())[:MAX_BATCH])
+                    for event_id in taken:
+                        del self._buffer[event_id]
+                self._write_logged(taken)
+                taken = {}
+        finally:
+            # Ended by anything (a killed greenlet, interpreter shutdown): the next add starts
+            # another thread, and no flush waits for this one.
+            if taken:
+                ids = ", ".join(list(taken)[:3]) + (", ..." if len(taken) > 3 else "")
+                logger.warning("events %s: queued, but maybe not recorded as pending", ids)
             with self._cond:
                 self._writing = False
+                self._thread = None
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: bool(self._buffer))
-                self._writing = True
-                full = len(self._buffer) >= MAX_BATCH
-            if not full:
-                time.sleep(LINGER_S)  # let the records of the next few publishes join this write
-            with self._cond:
-                taken = dict(list(self._buffer.items())[:MAX_BATCH])
-                for event_id in taken:
-                    del self._buffer[event_id]
-                self._writing = True
-            self._write_logged(taken)
 
     def _write_logged(self, entries: dict[str, tuple[str, Any]]) -> None:
         try:

@@ -113,3 +113,31 @@ def test_a_redis_that_cannot_take_the_records_is_logged_not_raised(
         assert wait_until(lambda: "not recorded as pending" in caplog.text, 5)
     assert "e1" in caplog.text
     assert "Redis is down" in caplog.text
+
+
+class Killed(BaseException):
+    """What ends a thread or greenlet from outside (not an ``Exception``)."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # on purpose
+def test_a_writer_thread_that_was_ended_is_replaced_and_says_what_it_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    written: list[str] = []
+    kill = threading.Event()
+    kill.set()
+
+    def write(entries: dict[str, tuple[str, Any]]) -> None:
+        if kill.is_set():
+            kill.clear()
+            raise Killed
+        written.extend(entries)
+
+    writer = PendingWriter(write)
+    with caplog.at_level(logging.WARNING, logger="metrix_s2s.tasks"):
+        writer.add({"lost": ("A", {})})
+        assert wait_until(lambda: "maybe not recorded as pending" in caplog.text, 5)
+    assert "lost" in caplog.text
+    writer.add({"next": ("A", {})})  # a new thread writes it
+    assert wait_until(lambda: written == ["next"], 5)
+    writer.flush(timeout_s=1)  # and nothing waits for the dead thread
