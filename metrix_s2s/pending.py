@@ -107,8 +107,7 @@ class PendingWriter:
             # Ended by anything (a killed greenlet, interpreter shutdown): the next add starts
             # another thread, and no flush waits for this one.
             if taken:
-                ids = ", ".join(list(taken)[:3]) + (", ..." if len(taken) > 3 else "")
-                logger.warning("events %s: queued, but maybe not recorded as pending", ids)
+                logger.warning("events %s: queued, but maybe not recorded as pending", _ids(taken))
             with self._cond:
                 self._writing = False
                 self._thread = None
@@ -118,10 +117,15 @@ class PendingWriter:
         try:
             self._write(entries)
         except redis.RedisError as exc:
-            ids = ", ".join(list(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            ids = _ids(entries)
             logger.warning("events %s: queued, but not recorded as pending (%s)", ids, exc)
         except Exception:
             logger.exception("events: the pending records of %d could not be written", len(entries))
+
+
+def _ids(entries: Entries) -> str:
+    """The first event ids of ``entries``, for a log line."""
+    return ", ".join(list(entries)[:3]) + (", ..." if len(entries) > 3 else "")
 
 
 def _write(entries: dict[str, tuple[str, Any]]) -> None:
