@@ -637,7 +637,8 @@ class Bench:
         worker = self.start_worker(app, pool, concurrency, tag, extra_env)
         timeout = 60 + n * 0.1
         try:
-            waited, cpu = self._wait_for(n, worker, timeout, label)
+            broker_pid = rabbitmq_pid() if path == "metrix_rabbitmq" else None
+            waited, cpu = self._wait_for(n, worker, timeout, label, broker_pid)
             memory = worker.peak_memory_mib()
         finally:
             worker.stop()
@@ -668,16 +669,16 @@ class Bench:
         }
 
     def _wait_for(
-        self, n: int, worker: Worker, timeout: float, label: str
+        self, n: int, worker: Worker, timeout: float, label: str, broker_pid: int | None = None
     ) -> tuple[float, dict[str, float]]:
         """Wait until ``n`` events were accepted; the seconds waited, and the CPU time per event
-        of the worker (with its pool children) and of Redis, from the first event accepted to the
-        last (so the worker's start-up is left out)."""
+        of the worker (with its pool children), of Redis and of the process ``broker_pid`` (the
+        RabbitMQ), from the first event accepted to the last (so the worker's start-up is left
+        out)."""
         started = time.monotonic()
         deadline = started + timeout
         first: tuple[int, float, float, float] | None = None
         redis_pid = self.redis_server.pid
-        broker_pid = rabbitmq_pid() if "rabbitmq" in label else None
         while True:
             received = self.fake.requests
             accepted = sum(1 for r in received if r.status == 200)
