@@ -47,6 +47,8 @@ RELAY_MIN_AGE_S = 5.0
 RELAY_BATCH_SIZE = 100
 #: Seconds a running relay waits between runs when it found nothing more to publish.
 RELAY_INTERVAL_S = 2.0
+#: What a relay command says when it starts running until stopped.
+RELAY_RUNNING = "metrix-s2s outbox relay running; SIGTERM or Ctrl-C stops it"
 #: Seconds the breaker stays open after a failed publish; doubled after each further failure, up
 #: to :data:`BREAKER_MAX_OPEN_S`.
 BREAKER_OPEN_S = 5.0
@@ -216,6 +218,18 @@ class RelayReport:
         self.dead_lettered += other.dead_lettered
         self.kept += other.kept
         self.broker_error = other.broker_error or self.broker_error
+
+    def problem(self) -> str | None:
+        """Why a relay run did not publish everything, for a one-shot command's exit: the broker's
+        error (then :attr:`broker_error` is set), or rows kept; None when it did."""
+        if self.broker_error:
+            return f"the broker did not take the events: {self.broker_error}"
+        if self.kept:
+            return (
+                f"{self.kept} rows could not be published or dead-lettered (their last_error "
+                "says why); they stay in the outbox"
+            )
+        return None
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -195,3 +195,14 @@ def test_the_relay_backs_off_while_it_fails_and_never_overflows() -> None:
     assert waits[:3] == [4, 8, 16]
     assert max(waits) == outbox.BREAKER_MAX_OPEN_S
     assert len(runs) == 1100
+
+
+def test_a_relay_report_says_why_a_one_shot_run_did_not_publish_everything() -> None:
+    assert outbox.RelayReport(published=3, dead_lettered=1).problem() is None
+    kept = outbox.RelayReport(published=3, kept=2)
+    assert kept.problem() == (
+        "2 rows could not be published or dead-lettered (their last_error says why); they stay "
+        "in the outbox"
+    )
+    down = outbox.RelayReport(kept=2, broker_error="Connection refused")
+    assert down.problem() == "the broker did not take the events: Connection refused"

@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from typing import Any
 
 import click
 
-from ..outbox import RELAY_BATCH_SIZE, RELAY_INTERVAL_S, RELAY_MIN_AGE_S, TABLE_NAME, run_relay
+from ..outbox import (
+    RELAY_BATCH_SIZE,
+    RELAY_INTERVAL_S,
+    RELAY_MIN_AGE_S,
+    RELAY_RUNNING,
+    TABLE_NAME,
+    run_relay,
+)
+from ..stopping import stop_event
 from .app import Failure, RedisFailure, UsageFailure, current_state
 
 
@@ -81,16 +87,11 @@ def relay(
             except sqlalchemy.exc.SQLAlchemyError as exc:
                 raise Failure(f"the database failed: {' '.join(str(exc).split())[:300]}") from None
             click.echo(json.dumps(report.summary()))
-            if report.broker_error:
-                raise RedisFailure(f"the broker did not take the events: {report.broker_error}")
-            if report.kept:
-                raise Failure(f"{report.kept} rows could not be published or dead-lettered (their "
-                              "last_error says why); they stay in the outbox")  # fmt: skip
+            if problem := report.problem():
+                raise (RedisFailure if report.broker_error else Failure)(problem)
             return
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-        click.echo("metrix-s2s outbox relay running; SIGTERM or Ctrl-C stops it", err=True)
+        stop = stop_event()
+        click.echo(RELAY_RUNNING, err=True)
         run_relay(run, interval_s=interval, stop=stop)
     finally:
         engine.dispose()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import socket
-import threading
 import time
 
 import click
@@ -12,6 +10,7 @@ from prometheus_client import start_http_server
 
 from .. import metrics, workers
 from ..names import QUEUE
+from ..stopping import stop_event
 from ..workers.ping import consuming_workers
 from .app import Failure, RedisFailure, UsageFailure, current_state
 
@@ -36,10 +35,7 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
     except OSError as exc:
         raise Failure(f"cannot listen on {address}:{port}: {exc.strerror or exc}") from None
     click.echo(f"metrix-s2s exporter on http://{address}:{port}/metrics", err=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    stop_event().wait()
 
 
 @click.command("health")

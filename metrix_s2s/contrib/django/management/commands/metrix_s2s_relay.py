@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from metrix_s2s.contrib.django.outbox import relay_once
-from metrix_s2s.outbox import RELAY_BATCH_SIZE, RELAY_INTERVAL_S, RELAY_MIN_AGE_S, run_relay
+from metrix_s2s.outbox import (
+    RELAY_BATCH_SIZE,
+    RELAY_INTERVAL_S,
+    RELAY_MIN_AGE_S,
+    RELAY_RUNNING,
+    run_relay,
+)
+from metrix_s2s.stopping import stop_event
 
 #: The exit status of ``--once`` when the broker did not take the events (as ``metrix-s2s``'s).
 EXIT_BROKER = 3
@@ -52,17 +57,9 @@ class Command(BaseCommand):
         if options["once"]:
             report = once()
             self.stdout.write(json.dumps(report.summary()))
-            if report.broker_error:
-                raise CommandError(f"the broker did not take the events: {report.broker_error}",
-                                   returncode=EXIT_BROKER)  # fmt: skip
-            if report.kept:
-                raise CommandError(
-                    f"{report.kept} rows could not be published or dead-lettered (their "
-                    "last_error says why); they stay in the outbox"
-                )
+            if problem := report.problem():
+                raise CommandError(problem, returncode=EXIT_BROKER if report.broker_error else 1)
             return
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-        self.stdout.write("metrix-s2s outbox relay running; SIGTERM or Ctrl-C stops it")
+        stop = stop_event()
+        self.stdout.write(RELAY_RUNNING)
         run_relay(once, interval_s=max(0.1, options["interval"]), stop=stop)
