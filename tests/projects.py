@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from conftest import APP_ID, DEV_KEY, Worker, _launch, worker_env
+from conftest import APP_ID, DEV_KEY, Worker, _launch, end_all, worker_env
 from fake_metrix import FakeMetrix
 
 from metrix_s2s.tasks import QUEUE
@@ -90,8 +90,7 @@ def project_workers(
     try:
         yield start
     finally:
-        for worker in started:
-            worker.stop()
+        end_all(started)
 
 
 def run_web(project: Project, client: str, *requests: dict[str, Any]) -> tuple[Any, str]:
