@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from . import metrics, verdicts
+from . import metrics, unacked, verdicts
 from .client import DEFAULT_POOL_SIZE, MetrixClient
 from .ledger import Claim, Finish, FinishMode, Limits
 from .logs import log_outcome
@@ -70,7 +70,8 @@ class NotRecorded(redis.RedisError):
 @dataclass(frozen=True)
 class Decided:
     """A verdict ready to be recorded: the event, the attempt's token (empty when nothing was
-    claimed), the POST's latency and, for a dead letter, the fingerprint of the key it used."""
+    claimed), the POST's latency, for a dead letter the fingerprint of the key it used, and the
+    broker's record of the message the attempt came in (removed if the verdict ends the event)."""
 
     event_id: str
     event: Any
@@ -78,6 +79,7 @@ class Decided:
     token: str = ""
     latency_ms: float = 0.0
     fingerprint: str = ""
+    message: unacked.Record | None = None
 
 
 class Deliverer:
@@ -116,18 +118,21 @@ class Deliverer:
         *,
         carried: Carried | None = None,
         validated: bool = False,
+        message: unacked.Record | None = None,
     ) -> Verdict:
         """Make one attempt at delivering ``event`` for ``app_id``; never raises for a bad event
         or a bad answer (only for Redis being unreachable: :class:`NotRecorded` when a POST that
         Metrix accepted could not be recorded). A delivery ``carried`` in the message, or left
         unrecorded by this process, is recorded without sending the event again. ``validated``:
-        see :meth:`check`."""
+        see :meth:`check`. ``message``: the broker's record of the message, which a verdict that
+        ends the event removes with the ledger's record (:mod:`metrix_s2s.unacked`)."""
         known = carried or self.unrecorded.get(event_id)
         if known is not None:
             return self._record_late(str(app_id), event_id, known)
         checked = self.check(app_id, event, validated=validated)
         if isinstance(checked, Rejected):
-            return self.record_one(str(app_id), Decided(event_id, checked.event, checked.verdict))
+            rejected = Decided(event_id, checked.event, checked.verdict, message=message)
+            return self.record_one(str(app_id), rejected)
         app, normalized = checked.app, checked.event
         token = uuid.uuid4().hex
         claim = self._claim(event_id, token, app)
@@ -137,7 +142,7 @@ class Deliverer:
                 self.log(app.app_id, event_id, verdict)
                 return verdict
             return self.record_one(
-                app.app_id, self.decided(app, event_id, normalized, token, verdict)
+                app.app_id, self.decided(app, event_id, normalized, token, verdict, message=message)
             )
         sent = self.send(app, normalized, event_id, token, claim)
         if isinstance(sent, Verdict):
@@ -145,9 +150,8 @@ class Deliverer:
             return sent
         outcome, latency_ms = sent
         verdict = verdicts.on_answer(self.settings, claim, outcome, self.rand)
-        return self.record_one(
-            app.app_id, self.decided(app, event_id, normalized, token, verdict, latency_ms)
-        )
+        decided = self.decided(app, event_id, normalized, token, verdict, latency_ms, message)
+        return self.record_one(app.app_id, decided)
 
     def check(self, app_id: Any, event: Any, *, validated: bool = False) -> Valid | Rejected:
         """The event validated (unless the message says metrix-s2s's producer ``validated`` it)
@@ -184,9 +188,10 @@ class Deliverer:
         token: str,
         verdict: Verdict,
         latency_ms: float = 0.0,
+        message: unacked.Record | None = None,
     ) -> Decided:
         """A verdict on a claimed attempt of ``app``'s event, ready for :meth:`record`."""
-        return Decided(event_id, event, verdict, token, latency_ms, app.key_fingerprint)
+        return Decided(event_id, event, verdict, token, latency_ms, app.key_fingerprint, message)
 
     def record_one(self, app_id: str, decided: Decided) -> Verdict:
         """:meth:`record` for one verdict."""
@@ -205,7 +210,7 @@ class Deliverer:
                 continue
             status = d.verdict.outcome.status if d.verdict.outcome else None
             value = f"{status or 0}:{at}" if d.verdict.action is Action.DELIVERED else ""
-            finishes.append(Finish(d.event_id, d.token, mode, value))
+            finishes.append(Finish(d.event_id, d.token, mode, value, d.message))
         delivered = {
             f.event_id: (f.value, f.token) for f in finishes if f.mode is FinishMode.DELIVERED
         }

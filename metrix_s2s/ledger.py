@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from . import redis_scripts
+from . import redis_scripts, unacked
 from .grouping import GroupCommit
 from .keyspace import Keyspace
 from .ratelimit import RateLimit
@@ -40,12 +40,18 @@ __all__ = ["Claim", "ClaimState", "Examined", "Finish", "FinishMode", "Ledger", 
 @dataclass(frozen=True)
 class Finish:
     """The end of one attempt, for :meth:`Ledger.finish_many`; ``value`` ("<status>:<ms>") goes
-    with :attr:`FinishMode.DELIVERED`."""
+    with :attr:`FinishMode.DELIVERED`. A finish that ends the event also removes ``message``, the
+    broker's record of the message the attempt came in (:mod:`metrix_s2s.unacked`)."""
 
     event_id: str
     token: str
     mode: FinishMode
     value: str = ""
+    message: unacked.Record | None = None
+
+
+#: The finishes after which an event is done: its message needs no other attempt.
+ENDING = frozenset({FinishMode.DELIVERED, FinishMode.FINAL})
 
 
 @dataclass(frozen=True)
@@ -185,9 +191,25 @@ class Ledger:
             self._ttl_s,
             pause_ms,
         ]
+        # The broker's records of the messages these finishes end (one consumer's keys per call).
+        removing: list[unacked.Record] = []
         for finish in finishes:
-            args += [finish.event_id, finish.token, FinishMode(finish.mode).value, finish.value]
-        return [bool(flag) for flag in self._finish(keys=keys, args=args)]
+            message = finish.message
+            if message is not None and finish.mode in ENDING:
+                if not removing or message.keys == removing[0].keys:
+                    removing.append(message)
+                else:
+                    message = None
+            else:
+                message = None
+            tag = message.tag if message is not None else ""
+            args += [finish.event_id, finish.token, finish.mode.value, finish.value, tag]
+        if removing:
+            keys += removing[0].keys
+        flags = [bool(flag) for flag in self._finish(keys=keys, args=args)]
+        for message in removing:
+            message.removed = True
+        return flags
 
     def unclaim(self, event_id: str, token: str, app_id: str) -> None:
         """Give back a claim that sent nothing: release the guard and the attempt it counted."""

@@ -8,7 +8,8 @@ import pytest
 import redis
 from conftest import wait_until
 
-from metrix_s2s.ledger import ClaimState, FinishMode, Ledger, Limits
+from metrix_s2s import unacked
+from metrix_s2s.ledger import ClaimState, Finish, FinishMode, Ledger, Limits
 from metrix_s2s.ratelimit import RateLimit
 
 FAST = Limits(RateLimit(1_000_000, burst=1_000))
@@ -67,6 +68,33 @@ def test_a_final_release_resets_the_budget_and_the_pending_record(
     ledger.finish("e1", "tok-b", "A", FinishMode.FINAL)
     assert redis_client.zscore("t:pending", "e1") is None
     assert ledger.claim("e1", "tok-c", "A", FAST).attempt == 1
+
+
+def test_a_finish_that_ends_an_event_removes_the_brokers_record_of_its_message(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    # Given four attempts, each from a message the broker holds as unacknowledged
+    modes = [FinishMode.DELIVERED, FinishMode.FINAL, FinishMode.RETRY, FinishMode.UNDO]
+    records = []
+    for i, _ in enumerate(modes):
+        redis_client.zadd("unacked_index", {f"tag-{i}": 1.0})
+        redis_client.hset("unacked", f"tag-{i}", "[]")
+        ledger.claim(f"e{i}", f"tok-{i}", "A", FAST)
+        records.append(unacked.Record("unacked_index", "unacked", f"tag-{i}"))
+    # When they finish in one call
+    finishes = [
+        Finish(f"e{i}", f"tok-{i}", mode, "200:1" if mode is FinishMode.DELIVERED else "", r)
+        for i, (mode, r) in enumerate(zip(modes, records, strict=True))
+    ]
+    assert ledger.finish_many("A", finishes) == 4
+    # Then the delivered and the dead-lettered ones took their messages' records with them; the
+    # two that will be tried again left theirs, for their acknowledgement or the broker
+    assert [r.removed for r in records] == [True, True, False, False]
+    assert sorted(redis_client.hkeys("unacked")) == [b"tag-2", b"tag-3"]
+    assert [m for m, _ in redis_client.zrange("unacked_index", 0, -1, withscores=True)] == [
+        b"tag-2",
+        b"tag-3",
+    ]
 
 
 def test_pending_records_hold_what_is_needed_to_re_enqueue(

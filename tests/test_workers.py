@@ -192,3 +192,53 @@ def test_the_channel_hands_out_one_client_per_connection_pool(redis_url: str) ->
         assert message.payload == {"n": 1}
         message.ack()
         queue.close()
+
+
+def test_an_acknowledgement_after_a_finish_that_removed_its_record_makes_no_round_trip(
+    redis_url: str,
+) -> None:
+    import redis as redis_py
+    from kombu import Connection
+
+    from metrix_s2s import unacked
+
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        client = redis_py.Redis.from_url(redis_url)
+        queue = conn.SimpleQueue(f"ack-test-{id(conn)}")
+        try:
+            queue.put({"n": 1})
+            queue.put({"n": 2})
+            # Given a message taken by this process's consumer: its record is in the broker
+            ended = queue.get(timeout=5)
+            assert client.hexists("unacked", ended.delivery_tag)
+            kwargs = client.connection_pool.connection_kwargs
+            record = unacked.record_for(ended.properties, kwargs)
+            assert record is not None
+            assert record.keys == ("unacked_index", "unacked")
+            # When its finish removed the record (here: says it did), the acknowledgement trusts
+            # it: no command of its own (the record, left here, shows that), nothing held
+            record.removed = True
+            unacked.settled(record)
+            ended.ack()
+            assert client.hexists("unacked", ended.delivery_tag)
+            channel.qos._flush()  # kombu forgets acknowledged tags lazily
+            assert ended.delivery_tag not in channel.qos._delivered
+            client.hdel("unacked", ended.delivery_tag)
+            client.zrem("unacked_index", ended.delivery_tag)
+            # And a message whose finish did not remove it is acknowledged as kombu does
+            other = queue.get(timeout=5)
+            unacked.settled(unacked.record_for(other.properties, kwargs))  # not removed
+            other.ack()
+            assert not client.hexists("unacked", other.delivery_tag)
+            assert not client.zscore("unacked_index", other.delivery_tag)
+            # And only a ledger in the broker's own database gets a record to remove
+            elsewhere = redis_py.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+            assert (
+                unacked.record_for(other.properties, elsewhere.connection_pool.connection_kwargs)
+                is None
+            )
+            assert unacked.record_for({}, kwargs) is None
+        finally:
+            queue.close()
+            client.close()

@@ -27,7 +27,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.local import Proxy
 from celery.worker.request import Request
 
-from .. import pending
+from .. import pending, unacked
 from ..backoff import compute_backoff
 from ..delivery import Action, NotRecorded, get_deliverer
 from ..errors import EnqueueError
@@ -275,10 +275,19 @@ def _send_metrix_event(self: SendEventTask, *args: Any, **kwargs: Any) -> str:
         except TypeError as exc:  # not a message our producer made: park it, never drop it
             deliverer.dead_letter_malformed(event_id, list(args), kwargs, exc)
             return Action.DEAD_LETTERED.value
+        message = unacked.record_for(
+            self.request.properties, deliverer.ledger.redis.connection_pool.connection_kwargs
+        )
         try:
             result = deliverer.deliver(
-                app_id, event, event_id, carried=_carried(delivered), validated=was_validated(self)
+                app_id,
+                event,
+                event_id,
+                carried=_carried(delivered),
+                validated=was_validated(self),
+                message=message,
             )
+            unacked.settled(message)
         except Exception as exc:
             if isinstance(exc, redis.RedisError | SoftTimeLimitExceeded):
                 raise
