@@ -194,16 +194,17 @@ class Ledger:
         # The broker's records of the messages these finishes end (one consumer's keys per call).
         removing: list[unacked.Record] = []
         for finish in finishes:
-            message = finish.message
-            if message is not None and finish.mode in ENDING:
-                if not removing or message.keys == removing[0].keys:
-                    removing.append(message)
-                else:
-                    message = None
+            mode, message = FinishMode(finish.mode), finish.message
+            if (
+                message is not None
+                and mode in ENDING
+                and (not removing or message.keys == removing[0].keys)
+            ):
+                removing.append(message)
+                tag = message.tag
             else:
-                message = None
-            tag = message.tag if message is not None else ""
-            args += [finish.event_id, finish.token, finish.mode.value, finish.value, tag]
+                tag = ""
+            args += [finish.event_id, finish.token, mode.value, finish.value, tag]
         if removing:
             keys += removing[0].keys
         flags = [bool(flag) for flag in self._finish(keys=keys, args=args)]

@@ -194,51 +194,92 @@ def test_the_channel_hands_out_one_client_per_connection_pool(redis_url: str) ->
         queue.close()
 
 
-def test_an_acknowledgement_after_a_finish_that_removed_its_record_makes_no_round_trip(
-    redis_url: str,
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"global_keyprefix": "pfx:"}, {"unacked_key": "held", "unacked_index_key": "held_index"}],
+    ids=["default", "global-keyprefix", "own-keys"],
+)
+def test_a_finish_that_ends_an_event_takes_its_messages_record_and_the_ack_trusts_it(
+    redis_url: str, options: dict[str, str]
 ) -> None:
     import redis as redis_py
     from kombu import Connection
 
     from metrix_s2s import unacked
+    from metrix_s2s.ledger import Finish, FinishMode, Ledger, Limits
+    from metrix_s2s.ratelimit import RateLimit
 
-    with Connection(redis_url, transport=TRANSPORT) as conn:
+    prefix = options.get("global_keyprefix", "")
+    index_key = prefix + options.get("unacked_index_key", "unacked_index")
+    messages_key = prefix + options.get("unacked_key", "unacked")
+    client = redis_py.Redis.from_url(redis_url)
+    client.flushdb()
+    ledger = Ledger(client, prefix="t", ttl_s=60, guard_ttl_s=30)
+    kwargs = client.connection_pool.connection_kwargs
+    fast = Limits(RateLimit(1_000_000, burst=1_000))
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
         channel = conn.default_channel
-        client = redis_py.Redis.from_url(redis_url)
         queue = conn.SimpleQueue(f"ack-test-{id(conn)}")
         try:
             queue.put({"n": 1})
             queue.put({"n": 2})
-            # Given a message taken by this process's consumer: its record is in the broker
-            ended = queue.get(timeout=5)
-            assert client.hexists("unacked", ended.delivery_tag)
-            kwargs = client.connection_pool.connection_kwargs
-            record = unacked.record_for(ended.properties, kwargs)
-            assert record is not None
-            assert record.keys == ("unacked_index", "unacked")
-            # When its finish removed the record (here: says it did), the acknowledgement trusts
-            # it: no command of its own (the record, left here, shows that), nothing held
-            record.removed = True
-            unacked.settled(record)
-            ended.ack()
-            assert client.hexists("unacked", ended.delivery_tag)
-            channel.qos._flush()  # kombu forgets acknowledged tags lazily
-            assert ended.delivery_tag not in channel.qos._delivered
-            client.hdel("unacked", ended.delivery_tag)
-            client.zrem("unacked_index", ended.delivery_tag)
-            # And a message whose finish did not remove it is acknowledged as kombu does
-            other = queue.get(timeout=5)
-            unacked.settled(unacked.record_for(other.properties, kwargs))  # not removed
-            other.ack()
-            assert not client.hexists("unacked", other.delivery_tag)
-            assert not client.zscore("unacked_index", other.delivery_tag)
-            # And only a ledger in the broker's own database gets a record to remove
-            elsewhere = redis_py.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
-            assert (
-                unacked.record_for(other.properties, elsewhere.connection_pool.connection_kwargs)
-                is None
+            # Given two messages taken by this process's consumer: their records are in Redis
+            ended, retried = queue.get(timeout=5), queue.get(timeout=5)
+            for message in (ended, retried):
+                assert client.hexists(messages_key, message.delivery_tag)
+            records = [unacked.record_for(m.properties, kwargs) for m in (ended, retried)]
+            assert all(r is not None and r.keys == (index_key, messages_key) for r in records)
+            # When one event is delivered and the other will be tried again, in one finish
+            for i in range(2):
+                ledger.claim(f"e{i}", f"tok-{i}", "A", fast)
+            ledger.finish_many(
+                "A",
+                [
+                    Finish("e0", "tok-0", FinishMode.DELIVERED, "200:1", records[0]),
+                    Finish("e1", "tok-1", FinishMode.RETRY, "", records[1]),
+                ],
             )
-            assert unacked.record_for({}, kwargs) is None
+            # Then only the delivered one's record went with its finish
+            assert [r.removed for r in records if r is not None] == [True, False]
+            assert not client.hexists(messages_key, ended.delivery_tag)
+            assert not client.zscore(index_key, ended.delivery_tag)
+            assert client.hexists(messages_key, retried.delivery_tag)
+            # And its acknowledgement makes no round trip (a record put back shows that it is
+            # left alone), while the other's is acknowledged as kombu does
+            for record in records:
+                unacked.settled(record)
+            client.hset(messages_key, ended.delivery_tag, "[]")
+            ended.ack()
+            retried.ack()
+            assert client.hkeys(messages_key) == [ended.delivery_tag.encode()]
+            channel.qos._flush()  # kombu forgets acknowledged tags lazily
+            assert not channel.qos._delivered
+            # And once acknowledged, a message is nothing a finish may remove
+            assert unacked.record_for(ended.properties, kwargs) is None
         finally:
             queue.close()
+            client.flushdb()
             client.close()
+
+
+def test_only_a_ledger_in_the_brokers_database_as_the_same_user_gets_a_record(
+    redis_url: str,
+) -> None:
+    from kombu import Connection
+
+    from metrix_s2s import unacked
+
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        queue = conn.SimpleQueue(f"ack-test-{id(conn)}")
+        try:
+            queue.put({"n": 1})
+            message = queue.get(timeout=5)
+            same = dict(conn.default_channel.pool.connection_kwargs)
+            assert unacked.record_for(message.properties, same) is not None
+            assert unacked.record_for(message.properties, {**same, "db": 5}) is None
+            assert unacked.record_for(message.properties, {**same, "port": 1}) is None
+            assert unacked.record_for(message.properties, {**same, "username": "other"}) is None
+            assert unacked.record_for({}, same) is None
+            message.ack()
+        finally:
+            queue.close()

@@ -37,36 +37,44 @@ TRANSPORT = "metrix_s2s.workers.transport:Transport"
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS, whose acknowledgement of a message that a finish already removed from
-    the unacknowledged records (:func:`metrix_s2s.unacked.take`) makes no round trip."""
+    """kombu's Redis QoS, which notes every message it records as unacknowledged, and whose
+    acknowledgement of one that a finish already removed from those records
+    (:mod:`metrix_s2s.unacked`) makes no round trip."""
 
-    def ack(self, delivery_tag: Any) -> None:
+    def append(self, message: Any, delivery_tag: str) -> None:
+        super().append(message, delivery_tag)
+        prefix = self.channel.global_keyprefix or ""
+        unacked.taken(
+            delivery_tag,
+            prefix + self.unacked_index_key,
+            prefix + self.unacked_key,
+            self.channel.pool.connection_kwargs,
+        )
+
+    def ack(self, delivery_tag: str) -> None:
         if unacked.take(delivery_tag):
+            # What kombu's Redis ack does after removing the record: forget the message here.
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().ack(delivery_tag)
 
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if unacked.take(delivery_tag):  # its event is ended: nothing to hand back
             virtual.QoS.ack(self, delivery_tag)
         else:
             super().reject(delivery_tag, requeue=requeue)
 
+    def restore_unacked(self, client: Any = None) -> None:
+        tags = list(self._delivered)
+        super().restore_unacked(client)
+        unacked.forget(tags)
+
 
 class Channel(kombu_redis.Channel):
-    """A Redis channel whose commands share one client per connection pool."""
+    """A Redis channel whose commands share one client per connection pool, with :class:`QoS`."""
 
     QoS = QoS
     _shared_client: Any = None
-
-    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
-        prefix = self.global_keyprefix or ""
-        unacked.consumer_started(
-            prefix + self.unacked_index_key,
-            prefix + self.unacked_key,
-            self.pool.connection_kwargs,
-        )
-        return super().basic_consume(queue, *args, **kwargs)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
