@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -311,6 +312,27 @@ def test_an_ended_events_acknowledgement_rides_on_its_finish_where_the_task_ran(
         assert transactions <= events + 3
     else:
         assert transactions >= 2 * events
+
+
+def test_a_gevent_worker_with_every_greenlet_busy_takes_the_next_message_as_one_frees(
+    producer: Any,
+    fake_metrix: FakeMetrix,
+    start_worker: Callable[..., Worker],
+) -> None:
+    # Given a gevent worker of 4 greenlets (prefetch 1: at most 4 messages held) and a Metrix
+    # that answers after 50 ms
+    fake_metrix.set_latency(0.05)
+    start_worker(fake_metrix.url, pool="gevent", concurrency=4)
+    # When 24 events are queued at once
+    events = 24
+    for i in range(events):
+        producer.delay(APP_ID, make_event(metrixUserId=f"user-{i}"))
+    assert fake_metrix.wait_for(events, timeout=60)
+    # Then the greenlets keep busy: no pause between one POST and the next comes near kombu's
+    # one-second wait for room (which made 4 greenlets deliver about 4 events a second)
+    arrivals = sorted(r.at for r in fake_metrix.accepted)
+    longest = max(b - a for a, b in itertools.pairwise(arrivals))
+    assert longest < 0.5, f"a {longest:.2f} s pause between POSTs"
 
 
 def test_a_message_that_keeps_crashing_workers_ends_as_poison(

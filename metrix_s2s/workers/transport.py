@@ -87,10 +87,40 @@ class Channel(kombu_redis.Channel):
         yield shared
 
 
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller for consumers without an event loop (Celery's gevent and eventlet pools),
+    which, while the consumer has no room for another message, looks again every
+    :data:`PAUSED_RECHECK_S` instead of at the end of the whole poll.
+
+    With prefetch 1 the consumer has room for one message per greenlet. While every greenlet is
+    busy, kombu issues no BRPOP and polls no socket (or keeps a message that arrived aside, and
+    sleeps a second), so the first greenlet to finish waits for the rest of a poll of up to two
+    seconds (Celery's): 32 greenlets against a Metrix 50 ms away made 25-31 events/s.
+    """
+
+    def get(self, callback: Any, timeout: float | None = None) -> Any:
+        if (timeout is None or timeout > PAUSED_RECHECK_S) and self._without_room():
+            timeout = PAUSED_RECHECK_S
+        return super().get(callback, timeout=timeout)
+
+    def _without_room(self) -> bool:
+        if self._paused_brpop:
+            return True
+        return any(c.active_queues and not c.qos.can_consume() for c in self._channels)
+
+
+#: Seconds between the checks for room of a consumer without an event loop that has none.
+PAUSED_RECHECK_S = 0.02
+
+
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+    """kombu's Redis transport with :class:`Channel` and :class:`Poller`."""
 
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()  # type: ignore[assignment]  # as kombu puts its own poller here
 
 
 # A connection on this transport shows itself as redis:// (Connection.as_uri: Flower's broker
