@@ -1,4 +1,5 @@
-"""kombu's Redis transport, with one Redis client per channel instead of one per command.
+"""kombu's Redis transport, with one Redis client per channel instead of one per command, an
+acknowledgement that rides on the ledger's finish, and no wait for a poll in a gevent worker.
 
 kombu's Redis channel builds a new ``redis.Redis`` object for every publish, acknowledgement and
 unacknowledged-message record it makes (``Channel.conn_or_acquire``), on the same connection
@@ -11,6 +12,10 @@ commands, on the same connections.
 Its acknowledgement skips the round trip for a message whose unacknowledged record the event's
 finish already removed (:mod:`metrix_s2s.unacked`): a third of the worker's Redis calls per
 event that are not the ledger's own.
+
+Without an event loop (the gevent and eventlet pools), a consumer with no room for another
+message (prefetch 1, every greenlet busy) looks for room again every :data:`PAUSED_RECHECK_S`
+(:class:`Poller`), where kombu's waits out a poll of up to two seconds.
 
 Used when the broker URL is ``redis://`` (:func:`transport_for`); ``rediss://`` (whose TLS
 defaults kombu ties to that scheme), ``redis+socket://`` and other brokers keep kombu's own, and
