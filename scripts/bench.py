@@ -47,6 +47,7 @@ import contextlib
 import cProfile
 import dataclasses
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -1075,6 +1076,9 @@ def plan(sizes: Sizes) -> list[list[Run]]:
     groups.append(
         [Run("metrix", "threads", other, lat, n, informative=True) for lat in (0.0, 0.05)]
     )
+    # The other pool that hides latency, with as many greenlets as the default threads.
+    if importlib.util.find_spec("gevent") is not None:
+        groups.append([Run("metrix", "gevent", THREADS, 0.05, n, informative=True)])
     return groups
 
 

@@ -1,5 +1,5 @@
 """kombu's Redis transport, with one Redis client per channel instead of one per command, an
-acknowledgement that rides on the ledger's finish, and no wait for a poll in a gevent worker.
+acknowledgement that rides on the ledger's finish, and no second-long waits in a gevent worker.
 
 kombu's Redis channel builds a new ``redis.Redis`` object for every publish, acknowledgement and
 unacknowledged-message record it makes (``Channel.conn_or_acquire``), on the same connection
@@ -24,6 +24,7 @@ so does an app whose ``broker_transport`` is set (``"redis"`` selects kombu's ow
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,8 +72,10 @@ class QoS(kombu_redis.QoS):
 
     def restore_unacked(self, client: Any = None) -> None:
         tags = list(self._delivered)
-        super().restore_unacked(client)
-        unacked.forget(tags)
+        try:
+            super().restore_unacked(client)
+        finally:  # handed back, or Redis is gone: none of them is acknowledged here
+            unacked.forget(tags)
 
 
 class Channel(kombu_redis.Channel):
@@ -98,24 +101,37 @@ class Poller(kombu_redis.MultiChannelPoller):
     :data:`PAUSED_RECHECK_S` instead of at the end of the whole poll.
 
     With prefetch 1 the consumer has room for one message per greenlet. While every greenlet is
-    busy, kombu issues no BRPOP and polls no socket (or keeps a message that arrived aside, and
-    sleeps a second), so the first greenlet to finish waits for the rest of a poll of up to two
+    busy, kombu issues no BRPOP and waits on an idle socket (or keeps aside a message that arrived,
+    and sleeps a second), so the first greenlet to finish waits for the rest of a poll of up to two
     seconds (Celery's): 32 greenlets against a Metrix 50 ms away made 25-31 events/s.
     """
+
+    _restored_at = 0.0
 
     def get(self, callback: Any, timeout: float | None = None) -> Any:
         if (timeout is None or timeout > PAUSED_RECHECK_S) and self._without_room():
             timeout = PAUSED_RECHECK_S
         return super().get(callback, timeout=timeout)
 
+    def maybe_restore_messages(self) -> Any:
+        # kombu calls this after every empty poll: at most once a second, as with its own polls,
+        # not after every short one.
+        now = time.monotonic()
+        if now - self._restored_at < RESTORE_EVERY_S:
+            return None
+        self._restored_at = now
+        return super().maybe_restore_messages()
+
     def _without_room(self) -> bool:
-        if self._paused_brpop:
+        if getattr(self, "_paused_brpop", None):  # kombu 5.7: a message kept aside for room
             return True
         return any(c.active_queues and not c.qos.can_consume() for c in self._channels)
 
 
 #: Seconds between the checks for room of a consumer without an event loop that has none.
 PAUSED_RECHECK_S = 0.02
+#: Seconds between the poller's sweeps for unacknowledged messages past the visibility timeout.
+RESTORE_EVERY_S = 1.0
 
 
 class Transport(kombu_redis.Transport):
