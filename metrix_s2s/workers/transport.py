@@ -58,17 +58,21 @@ class QoS(kombu_redis.QoS):
         )
 
     def ack(self, delivery_tag: str) -> None:
-        if unacked.take(delivery_tag):
-            # What kombu's Redis ack does after removing the record: forget the message here.
-            virtual.QoS.ack(self, delivery_tag)
-        else:
+        if not self._ended(delivery_tag):
             super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if unacked.take(delivery_tag):  # its event is ended: nothing to hand back
-            virtual.QoS.ack(self, delivery_tag)
-        else:
+        if not self._ended(delivery_tag):
             super().reject(delivery_tag, requeue=requeue)
+
+    def _ended(self, delivery_tag: str) -> bool:
+        """If a finish already removed the message's record (its event is ended: nothing to
+        hand back either), do what kombu's Redis ack does after removing it, forget the message
+        here, and say so."""
+        if not unacked.take(delivery_tag):
+            return False
+        virtual.QoS.ack(self, delivery_tag)
+        return True
 
     def restore_unacked(self, client: Any = None) -> None:
         tags = list(self._delivered)
