@@ -18,12 +18,13 @@ it, so that two relays never publish one row at the same time) and delete what w
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,6 +313,27 @@ def relay_batch(rows: Sequence[Row]) -> Relayed:
 
 #: Batches one run of a periodic relay publishes at most, so that it ends in bounded time.
 MAX_BATCHES_PER_RUN = 50
+
+#: MySQL and MariaDB: seconds a relay waits for its turn (another relay's batch) before it ends
+#: its run, leaving the rows to the relay that has the turn.
+MYSQL_TURN_WAIT_S = 30
+_MYSQL_TURN = "LEFT(CONCAT('metrix_s2s_outbox_relay:', DATABASE()), 64)"
+
+
+@contextlib.contextmanager
+def mysql_turn(scalar: Callable[[str], Any]) -> Iterator[bool]:
+    """MySQL and MariaDB: the relays of one database take turns, one batch's transaction at a
+    time (a named lock, ``GET_LOCK``, released at the end or with the session). InnoDB can
+    deadlock two relays' deletes on the outbox's index even under READ COMMITTED, after the
+    batch was published: the rollback keeps the rows, so they would be published again.
+    ``scalar`` runs one SQL statement outside a transaction and returns its one value; yields
+    whether this relay has the turn."""
+    got = scalar(f"SELECT GET_LOCK({_MYSQL_TURN}, {MYSQL_TURN_WAIT_S})") == 1
+    try:
+        yield got
+    finally:
+        if got:
+            scalar(f"SELECT RELEASE_LOCK({_MYSQL_TURN})")
 
 
 def relay_batches(

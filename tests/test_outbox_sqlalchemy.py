@@ -193,6 +193,43 @@ def test_two_relays_racing_never_publish_one_row_twice_and_share_the_rows(
     assert database.query("SELECT event_id FROM metrix_s2s_outbox") == []
 
 
+@pytest.mark.parametrize("database", ["mysql"], ids=["mariadb"], indirect=True)
+def test_on_mariadb_a_relay_waits_for_its_turn_and_leaves_the_rows_to_the_relay_that_has_it(
+    producer: Any, redis_client: redis.Redis, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import text
+
+    from metrix_s2s import outbox
+
+    # Given 5 rows, and another relay's session holding the database's turn
+    monkeypatch.setattr(outbox, "MYSQL_TURN_WAIT_S", 1)
+    metadata = MetaData()
+    box = Outbox(metadata)
+    engine = create_engine(database.sqlalchemy_url)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(box.table),
+            [{"event_id": f"e-{n}", "app_id": APP_ID, "event": make_event(), "created": _old(),
+              "attempts": 0, "last_error": ""} for n in range(5)],
+        )  # fmt: skip
+    turn = "LEFT(CONCAT('metrix_s2s_outbox_relay:', DATABASE()), 64)"
+    try:
+        with engine.connect() as other:
+            assert other.execute(text(f"SELECT GET_LOCK({turn}, 0)")).scalar() == 1
+            # When a relay runs meanwhile
+            report = box.relay_once(engine, min_age_s=0)
+            # Then it published nothing and left every row
+            assert report.published == 0
+            assert len(database.query("SELECT event_id FROM metrix_s2s_outbox")) == 5
+            other.execute(text(f"SELECT RELEASE_LOCK({turn})"))
+        # And once the turn is free, a relay publishes them all
+        assert box.relay_once(engine, min_age_s=0).published == 5
+        assert len(queued(redis_client)) == 5
+    finally:
+        engine.dispose()
+
+
 def _old() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=1)
 

@@ -45,6 +45,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import mysql
@@ -59,6 +60,7 @@ from ..outbox import (
     RelayReport,
     Row,
     error_text,
+    mysql_turn,
     publish_committed,
     relay_batch,
     relay_batches,
@@ -179,13 +181,23 @@ class Outbox:
 
         def step() -> tuple[int, Relayed]:
             with bind.connect() as conn:
-                if conn.dialect.name in ("mysql", "mariadb"):
-                    # InnoDB's REPEATABLE READ takes gap locks that deadlock two relays; READ
-                    # COMMITTED locks only the rows taken (reset when the connection is returned)
-                    conn.execution_options(isolation_level="READ COMMITTED")
-                with conn.begin():
-                    locked, relayed = self._relay_locked(conn, batch_size, cutoff)
-            return locked, relayed
+                if conn.dialect.name not in ("mysql", "mariadb"):
+                    with conn.begin():
+                        return self._relay_locked(conn, batch_size, cutoff)
+                # InnoDB's REPEATABLE READ takes gap locks that deadlock two relays; READ
+                # COMMITTED locks only the rows taken (reset when the connection is returned)
+                conn.execution_options(isolation_level="READ COMMITTED")
+
+                def scalar(sql: str) -> Any:
+                    value = conn.execute(text(sql)).scalar()
+                    conn.commit()
+                    return value
+
+                with mysql_turn(scalar) as turn:
+                    if not turn:
+                        return 0, Relayed()
+                    with conn.begin():
+                        return self._relay_locked(conn, batch_size, cutoff)
 
         return relay_batches(step, batch_size=batch_size, max_batches=max_batches)
 

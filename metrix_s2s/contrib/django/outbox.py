@@ -19,6 +19,7 @@ from ...outbox import (
     RelayReport,
     Row,
     error_text,
+    mysql_turn,
     relay_batch,
     relay_batches,
 )
@@ -82,11 +83,25 @@ def _relay_alias(
 
     def step() -> tuple[int, Relayed]:
         connection = connections[alias]
-        if connection.vendor == "mysql" and connection.get_autocommit():
-            # InnoDB's REPEATABLE READ takes gap locks that deadlock two relays; READ COMMITTED
-            # locks only the rows taken, for this next transaction only.
+        if connection.vendor != "mysql":
+            return batch()
+
+        def scalar(sql: str) -> Any:
             with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                cursor.execute(sql)
+                return cursor.fetchone()[0]
+
+        with mysql_turn(scalar) as turn:
+            if not turn:
+                return 0, Relayed()
+            if connection.get_autocommit():
+                # InnoDB's REPEATABLE READ takes gap locks that deadlock two relays; READ
+                # COMMITTED locks only the rows taken, for this next transaction only.
+                with connection.cursor() as cursor:
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            return batch()
+
+    def batch() -> tuple[int, Relayed]:
         with transaction.atomic(using=alias):
             locked = list(
                 rows.select_for_update(skip_locked=True)
