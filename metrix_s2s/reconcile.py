@@ -2,10 +2,13 @@
 
 kombu's Redis transport takes a message off the queue and records it as unacknowledged in two
 separate steps; a worker killed between them loses that message for good (celery/kombu#305).
-So every event is recorded as pending when it is enqueued (:meth:`Ledger.mark_pending`), marked
-as seen whenever a worker claims or retries it, and forgotten when it is delivered or
-dead-lettered. The periodic ``metrix_s2s.reconcile`` task then looks at events not seen for
-``METRIX_PENDING_MAX_AGE`` and re-enqueues one only when it is provably nowhere else:
+metrix-s2s's transport takes queued messages with their records in one step, but a message that
+arrives while a worker waits on an empty queue still comes the two-step way, and so does every
+message on kombu's own transport. So every event is recorded as pending when it is enqueued
+(:meth:`Ledger.mark_pending`), marked as seen whenever a worker claims or retries it, and
+forgotten when it is delivered or dead-lettered. The periodic ``metrix_s2s.reconcile`` task then
+looks at events not seen for ``METRIX_PENDING_MAX_AGE`` and re-enqueues one only when it is
+provably nowhere else:
 
 - not delivered (the ledger) and not dead-lettered (the store): otherwise it is just forgotten;
 - not being sent right now (the in-flight guard);

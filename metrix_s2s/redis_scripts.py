@@ -26,6 +26,7 @@ DLQ_ADD = source("dlq_drop", "dlq_add")
 DLQ_REMOVE = source("dlq_drop", "dlq_remove")
 DLQ_TAKE = source("dlq_drop", "dlq_take")
 RELEASE_LOCK = source("release_lock")
+FETCH = source("fetch")
 
 #: Every script file, for the packaging test.
 FILES = (
@@ -40,4 +41,5 @@ FILES = (
     "dlq_remove",
     "dlq_take",
     "release_lock",
+    "fetch",
 )

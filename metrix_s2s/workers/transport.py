@@ -1,5 +1,6 @@
-"""kombu's Redis transport, with one Redis client per channel instead of one per command, an
-acknowledgement that rides on the ledger's finish, and no second-long waits in a gevent worker.
+"""kombu's Redis transport, with one Redis client per channel instead of one per command, a fetch
+that records what it takes in the same step, an acknowledgement that rides on the ledger's
+finish, and no second-long waits in a gevent worker.
 
 kombu's Redis channel builds a new ``redis.Redis`` object for every publish, acknowledgement and
 unacknowledged-message record it makes (``Channel.conn_or_acquire``), on the same connection
@@ -8,6 +9,15 @@ response callbacks), which is a seventh of a ``.delay()`` and a tenth of a worke
 task. A ``redis.Redis`` is safe to share between threads (each command takes a connection from
 the pool), so this channel keeps one per connection pool and hands it out instead: the same
 commands, on the same connections.
+
+kombu takes one message per BRPOP and records it as unacknowledged in a second round trip; a
+consumer killed between the two loses the message for good (celery/kombu#305). While its queues
+have messages, this channel takes them with a script (``lua/fetch.lua``) that records each one
+in the same step, as many as the consumer has room for: one round trip, with nothing lost if the
+consumer dies before it reads the answer (the visibility timeout restores what it took). With
+its queues empty it waits with kombu's BRPOP, whose message is recorded as kombu records it, and
+fetches again once that brings one. Messages taken together also start together, so their
+claims and finishes share script calls (:class:`metrix_s2s.grouping.GroupCommit`).
 
 Its acknowledgement skips the round trip for a message whose unacknowledged record the event's
 finish already removed (:mod:`metrix_s2s.unacked`): a third of the worker's Redis calls per
@@ -24,17 +34,23 @@ so does an app whose ``broker_transport`` is set (``"redis"`` selects kombu's ow
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit
 
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from redis.exceptions import NoScriptError
 
-from .. import unacked
+from .. import redis_scripts, unacked
 
 __all__ = ["TRANSPORT", "Channel", "QoS", "Transport", "transport_for"]
 
@@ -48,7 +64,12 @@ class QoS(kombu_redis.QoS):
     (:mod:`metrix_s2s.unacked`) makes no round trip."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        super().append(message, delivery_tag)
+        recorded = self.channel._recorded
+        if delivery_tag in recorded:  # by the fetch that took it
+            recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
         prefix = self.channel.global_keyprefix or ""
         unacked.taken(
             delivery_tag,
@@ -83,10 +104,105 @@ class QoS(kombu_redis.QoS):
 
 
 class Channel(kombu_redis.Channel):
-    """A Redis channel whose commands share one client per connection pool, with :class:`QoS`."""
+    """A Redis channel whose commands share one client per connection pool, with :class:`QoS`,
+    and which takes messages off its queues with :data:`FETCH` while they have any: each one
+    recorded as unacknowledged in the same step, and as many as the consumer has room for in one
+    round trip. With its queues empty it waits with kombu's BRPOP, and goes back to the script
+    once that brings a message."""
 
     QoS = QoS
     _shared_client: Any = None
+    #: The queues (by key) of the fetch in flight; None while a BRPOP (or nothing) is.
+    _fetching: list[str] | None = None
+    #: True after a fetch found every queue empty: the next one waits, with a BRPOP.
+    _queues_empty = False
+    #: Tags of the messages being delivered that the fetch already recorded.
+    _recorded: set[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._recorded = set()
+        self._no_ack_queues: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        # A consumer that never acknowledges must get no record: kombu's BRPOP for its channel.
+        no_ack = kwargs["no_ack"] if "no_ack" in kwargs else bool(args and args[0])
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        self._fetching = None
+        if self._queues_empty or not self._no_ack_queues.isdisjoint(self.active_queues):
+            super()._brpop_start(timeout)
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        qos = self.qos
+        prefix = self.global_keyprefix or ""
+        room = qos.can_consume_max_estimate()  # None: no prefetch limit
+        most = FETCH_MOST if room is None else max(1, min(FETCH_MOST, room))
+        self._fetching = keys
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's None at first
+        self.client.connection.send_command(
+            "EVALSHA",
+            FETCH_SHA,
+            2 + len(keys),
+            prefix + qos.unacked_index_key,
+            prefix + qos.unacked_key,
+            *(prefix + key for key in keys),
+            repr(time.time()),
+            most,
+        )
+
+    def _brpop_read(self, **options: Any) -> Any:
+        keys, self._fetching = self._fetching, None
+        if keys is None:  # a BRPOP: once it brings a message, fetch again
+            delivered = super()._brpop_read(**options)
+            self._queues_empty = False
+            return delivered
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "EVALSHA", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:  # a restarted or flushed Redis: load it, fetch again
+                with self.conn_or_acquire() as client:
+                    client.script_load(redis_scripts.FETCH)
+                raise Empty() from None
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # as kombu's own read leaves it
+            self._flush_brpop_reauth()
+        if not reply:
+            self._queues_empty = True
+            raise Empty()
+        queue = keys[int(reply[0]) - 3].rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(queue)
+        taken = [(reply[i], bool(int(reply[i + 1]))) for i in range(1, len(reply), 2)]
+        for i, (item, recorded) in enumerate(taken):
+            tag = ""
+            try:
+                message = loads(bytes_to_str(item))
+                if recorded:
+                    tag = message["properties"]["delivery_tag"]
+                    self._recorded.add(tag)
+                self.connection._deliver(message, queue)
+            except BaseException:
+                self._hand_back([item for item, recorded in taken[i + 1 :] if recorded])
+                raise
+            finally:
+                self._recorded.discard(tag)  # QoS.append took it, unless no consumer was there
+        return True
+
+    def _hand_back(self, items: list[Any]) -> None:
+        """Put fetched messages that were never delivered back at the head of their queue (the
+        end that RPOP takes next), in order."""
+        for item in reversed(items):
+            with contextlib.suppress(Exception):  # or the visibility timeout brings it back
+                self.qos.restore_by_tag(loads(bytes_to_str(item))["properties"]["delivery_tag"])
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -131,6 +247,11 @@ class Poller(kombu_redis.MultiChannelPoller):
             return True
         return any(c.active_queues and not c.qos.can_consume() for c in self._channels)
 
+
+#: The most messages one fetch takes.
+FETCH_MOST = 64
+#: The script the channel fetches with, and its SHA1 for EVALSHA.
+FETCH_SHA = hashlib.sha1(redis_scripts.FETCH.encode()).hexdigest()
 
 #: Seconds between the checks for room of a consumer without an event loop that has none.
 PAUSED_RECHECK_S = 0.02

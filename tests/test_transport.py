@@ -1,0 +1,231 @@
+"""The transport's fetch: messages taken off the queue with their unacknowledged records in one
+step, as many as the consumer has room for, against a real Redis."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from metrix_s2s.workers.transport import TRANSPORT
+
+OPTIONS = [{}, {"global_keyprefix": "pfx:"}]
+IDS = ["default", "global-keyprefix"]
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def calls(client: redis.Redis, before: dict[str, Any], command: str) -> int:
+    """How often ``command`` ran since ``before`` (an ``INFO commandstats``)."""
+    now = client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})["calls"]
+    return int(now - before.get(f"cmdstat_{command}", {"calls": 0})["calls"])
+
+
+class Consuming:
+    """A kombu consumer on this transport, with room for ``prefetch`` messages, that keeps what
+    it receives; ``fail_first`` makes its callback raise for the first message."""
+
+    def __init__(self, conn: Connection, queue: Queue, prefetch: int, fail_first: bool = False):
+        self.conn = conn
+        self.channel = conn.channel()
+        self.received: list[Any] = []
+        self.fail_first = fail_first
+        self.consumer = Consumer(
+            self.channel, queues=[queue], callbacks=[self.on_message], prefetch_count=prefetch
+        )
+        self.consumer.consume()
+
+    def on_message(self, body: Any, message: Any) -> None:
+        self.received.append(message)
+        if self.fail_first:
+            self.fail_first = False
+            raise RuntimeError("the consumer failed")
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [m.payload["n"] for m in self.received]
+
+
+def publish(conn: Connection, queue: Queue, count: int, start: int = 0) -> None:
+    producer = Producer(conn.channel())
+    for n in range(start, start + count):
+        producer.publish(
+            {"n": n}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue]
+        )
+
+
+def publish_from_elsewhere(redis_url: str, queue: Queue) -> None:
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        publish(conn, queue, 1)
+
+
+def a_queue() -> Queue:
+    name = f"fetch-test-{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=IDS)
+def test_queued_messages_come_with_their_records_in_one_round_trip(
+    redis_url: str, client: redis.Redis, options: dict[str, str]
+) -> None:
+    prefix = options.get("global_keyprefix", "")
+    queue = a_queue()
+    client.script_flush()  # a restarted Redis: the transport loads its script again
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
+        # Given 5 messages queued, and a consumer with room for 3
+        publish(conn, queue, 5)
+        consuming = Consuming(conn, queue, prefetch=3)
+        before = client.info("commandstats")
+        # When it takes what it has room for
+        conn.drain_events(timeout=5)
+        # Then one fetch brought 3 messages, in order, each already recorded as unacknowledged
+        # (no BRPOP, no transaction of kombu's to record them)
+        assert consuming.bodies == [0, 1, 2]
+        assert calls(client, before, "brpop") == 0
+        assert calls(client, before, "exec") == 0
+        assert calls(client, before, "rpop") == 3
+        tags = [m.delivery_tag for m in consuming.received]
+        assert sorted(t.decode() for t in client.hkeys(prefix + "unacked")) == sorted(tags)
+        assert all(client.zscore(prefix + "unacked_index", t) for t in tags)
+        assert abs(client.zscore(prefix + "unacked_index", tags[0]) - time.time()) < 5
+        assert client.llen(prefix + queue.name) == 2
+        # And a record holds what kombu's restore needs: the message is handed back whole
+        consuming.received[0].reject(requeue=True)
+        assert client.llen(prefix + queue.name) == 3
+        # And acknowledged, the others' records are gone; the rest come in the next fetches
+        for message in consuming.received[1:]:
+            message.ack()
+        conn.drain_events(timeout=5)
+        assert consuming.bodies[3:] == [3, 4, 0]  # kombu requeues at the tail
+        for message in consuming.received[3:]:
+            message.ack()
+        assert not client.hlen(prefix + "unacked")
+        assert not client.zcard(prefix + "unacked_index")
+
+
+def test_a_consumer_gone_with_its_fetch_unread_loses_nothing(
+    redis_url: str, client: redis.Redis
+) -> None:
+    queue = a_queue()
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        # Given a message queued and a consumer whose fetch took it
+        publish(conn, queue, 1)
+        consuming = Consuming(conn, queue, prefetch=1)
+        conn.transport.cycle._register_BRPOP(consuming.channel)
+        assert wait_for(lambda: not client.llen(queue.name))
+        # When the consumer is gone before it read the answer (killed, its connection lost)
+        consuming.channel.client.connection.disconnect()
+    # Then the message is not lost: the broker holds it unacknowledged (kombu's BRPOP would
+    # have taken it off the queue with no record of it), and its visibility timeout brings it
+    # back to the queue for another consumer
+    assert client.hlen("unacked") == 1
+    with Connection(
+        redis_url, transport=TRANSPORT, transport_options={"visibility_timeout": 0}
+    ) as conn:
+        conn.default_channel.qos.restore_visible()
+        assert client.llen(queue.name) == 1
+        again = Consuming(conn, queue, prefetch=1)
+        conn.drain_events(timeout=5)
+        assert again.bodies == [0]
+        again.received[0].ack()
+
+
+def test_with_its_queues_empty_a_consumer_waits_for_the_next_message_and_fetches_again(
+    redis_url: str, client: redis.Redis
+) -> None:
+    queue = a_queue()
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        # Given a consumer whose queue is empty
+        consuming = Consuming(conn, queue, prefetch=4)
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=0.5)
+        # When a message arrives while it waits
+        before = client.info("commandstats")
+        later = threading.Timer(0.3, publish_from_elsewhere, (redis_url, queue))
+        later.start()
+        started = time.monotonic()
+        conn.drain_events(timeout=10)
+        # Then it has it at once (a blocking wait, not a poll), recorded as kombu records it
+        assert time.monotonic() - started < 2
+        later.join()
+        assert consuming.bodies == [0]
+        assert calls(client, before, "brpop") <= 2
+        assert client.hlen("unacked") == 1
+        # And once a wait brought a message, it fetches again: two more in one round trip
+        publish(conn, queue, 2, start=1)
+        before = client.info("commandstats")
+        conn.drain_events(timeout=5)
+        assert consuming.bodies == [0, 1, 2]
+        assert calls(client, before, "brpop") == 0
+        assert calls(client, before, "exec") == 0
+        for message in consuming.received:
+            message.ack()
+        assert not client.hlen("unacked")
+
+
+def test_fetched_messages_a_consumer_never_got_go_back_to_the_head_of_their_queue(
+    redis_url: str, client: redis.Redis
+) -> None:
+    queue = a_queue()
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        # Given 3 messages queued, one fetch taking them all
+        publish(conn, queue, 3)
+        consuming = Consuming(conn, queue, prefetch=3, fail_first=True)
+        # When the consumer fails at the first
+        with pytest.raises(RuntimeError, match="the consumer failed"):
+            conn.drain_events(timeout=5)
+        # Then the two it never got are back at the head of the queue, in order, unrecorded,
+        # and the one it got is held unacknowledged
+        assert consuming.bodies == [0]
+        assert client.llen(queue.name) == 2
+        assert [t.decode() for t in client.hkeys("unacked")] == [consuming.received[0].delivery_tag]
+        conn.drain_events(timeout=5)
+        assert consuming.bodies == [0, 1, 2]
+        for message in consuming.received:
+            message.ack()
+        assert not client.hlen("unacked")
+
+
+def wait_for(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def test_a_consumer_that_never_acknowledges_gets_no_records(
+    redis_url: str, client: redis.Redis
+) -> None:
+    queue = a_queue()
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        # Given two messages queued, and a consumer that does not acknowledge (no_ack)
+        publish(conn, queue, 2)
+        received: list[Any] = []
+        consumer = Consumer(
+            conn.channel(), queues=[queue], callbacks=[lambda b, m: received.append(b)], no_ack=True
+        )
+        consumer.consume()
+        # When it takes them
+        conn.drain_events(timeout=5)
+        conn.drain_events(timeout=5)
+        # Then they are not held unacknowledged: nothing would ever remove the records, and the
+        # visibility timeout would hand them out again
+        assert [b["n"] for b in received] == [0, 1]
+        assert not client.hlen("unacked")
+        assert not client.zcard("unacked_index")
