@@ -14,6 +14,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from metrix_s2s import redis_scripts
 from metrix_s2s.workers.transport import TRANSPORT
 
 OPTIONS = [{}, {"global_keyprefix": "pfx:"}]
@@ -125,6 +126,7 @@ def test_a_consumer_gone_with_its_fetch_unread_loses_nothing(
         # Given a message queued and a consumer whose fetch took it
         publish(conn, queue, 1)
         consuming = Consuming(conn, queue, prefetch=1)
+        client.script_load(redis_scripts.FETCH)  # as a first fetch leaves it
         conn.transport.cycle._register_BRPOP(consuming.channel)
         assert wait_for(lambda: not client.llen(queue.name))
         # When the consumer is gone before it read the answer (killed, its connection lost)
@@ -229,3 +231,55 @@ def test_a_consumer_that_never_acknowledges_gets_no_records(
         assert [b["n"] for b in received] == [0, 1]
         assert not client.hlen("unacked")
         assert not client.zcard("unacked_index")
+
+
+def test_a_consumer_closed_with_a_fetch_unread_puts_its_messages_back_in_order(
+    redis_url: str, client: redis.Redis
+) -> None:
+    queue = a_queue()
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        # Given a consumer whose fetch took 3 of 5 messages, its answer not read yet
+        publish(conn, queue, 5)
+        consuming = Consuming(conn, queue, prefetch=3)
+        client.script_load(redis_scripts.FETCH)  # as a first fetch leaves it
+        conn.transport.cycle._register_BRPOP(consuming.channel)
+        assert wait_for(lambda: client.llen(queue.name) == 2)
+        # When it is cancelled and its channel closes (and reads the answer), as at a warm
+        # shutdown
+        consuming.consumer.cancel()
+        consuming.channel.close()
+    # Then the messages are back at the head of the queue, in order, and not held
+    assert not client.hlen("unacked")
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        again = Consuming(conn, queue, prefetch=5)
+        conn.drain_events(timeout=5)
+        assert again.bodies == [0, 1, 2, 3, 4]
+        for message in again.received:
+            message.ack()
+
+
+@pytest.mark.parametrize("how", ["ack_emulation-off", "prefetch-by-pool"])
+def test_where_kombu_decides_differently_the_fetch_follows_it(
+    redis_url: str, client: redis.Redis, how: str
+) -> None:
+    queue = a_queue()
+    options = {"ack_emulation": False} if how == "ack_emulation-off" else {}
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
+        # Given 3 messages queued, and a consumer with room for 3
+        publish(conn, queue, 3)
+        consuming = Consuming(conn, queue, prefetch=3)
+        if how == "prefetch-by-pool":  # as Celery's worker_disable_prefetch patches it
+            qos = consuming.channel.qos
+            qos.can_consume = lambda: len(qos._delivered) < 3
+        # When it takes one round's worth
+        conn.drain_events(timeout=5)
+        # Then without ack emulation nothing is recorded (nothing would remove it), and where
+        # Celery's pool decides the room, one message comes at a time
+        if how == "ack_emulation-off":
+            assert consuming.bodies == [0]
+            assert not client.hlen("unacked")
+        else:
+            assert consuming.bodies == [0]
+            assert client.hlen("unacked") == 1
+            for message in consuming.received:
+                message.ack()

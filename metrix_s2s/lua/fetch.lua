@@ -9,8 +9,8 @@
 -- ARGV[1]  now, s (the consumer's clock, as kombu's record has it)
 -- ARGV[2]  most messages to take
 --
--- Takes from the first queue that has messages, up to ARGV[2] of them. Returns that queue's
--- place in KEYS (3...) and its messages, each followed by 1 if it was recorded, or by 0 if it
+-- Takes from the first of those keys (a queue at one priority) that has messages, up to ARGV[2]
+-- of them. Returns that key's place in KEYS (3...) and its messages, each followed by 1 if it was recorded, or by 0 if it
 -- names no delivery tag, exchange and routing key (the consumer records it as kombu does);
 -- an empty table with every queue empty.
 

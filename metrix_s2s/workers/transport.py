@@ -14,7 +14,8 @@ kombu takes one message per BRPOP and records it as unacknowledged in a second r
 consumer killed between the two loses the message for good (celery/kombu#305). While its queues
 have messages, this channel takes them with a script (``lua/fetch.lua``) that records each one
 in the same step, as many as the consumer has room for: one round trip, with nothing lost if the
-consumer dies before it reads the answer (the visibility timeout restores what it took). With
+consumer dies or its connection drops before it reads the answer (the visibility timeout
+restores what the fetch took). With
 its queues empty it waits with kombu's BRPOP, whose message is recorded as kombu records it, and
 fetches again once that brings one. Messages taken together also start together, so their
 claims and finishes share script calls (:class:`metrix_s2s.grouping.GroupCommit`).
@@ -105,10 +106,11 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     """A Redis channel whose commands share one client per connection pool, with :class:`QoS`,
-    and which takes messages off its queues with :data:`FETCH` while they have any: each one
-    recorded as unacknowledged in the same step, and as many as the consumer has room for in one
-    round trip. With its queues empty it waits with kombu's BRPOP, and goes back to the script
-    once that brings a message."""
+    and which takes messages off its queues with ``lua/fetch.lua`` while they have any: each one
+    recorded as unacknowledged in the same step, and as many as the consumer has room for (at
+    most :data:`FETCH_MOST`) in one round trip. With its queues empty it waits with kombu's
+    BRPOP, and goes back to the script once that brings a message. A consumer that does not
+    acknowledge, and a transport without ``ack_emulation``, get kombu's BRPOP only."""
 
     QoS = QoS
     _shared_client: Any = None
@@ -132,7 +134,11 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         self._fetching = None
-        if self._queues_empty or not self._no_ack_queues.isdisjoint(self.active_queues):
+        if (
+            self._queues_empty
+            or not self.ack_emulation  # no unacknowledged records at all
+            or not self._no_ack_queues.isdisjoint(self.active_queues)
+        ):
             super()._brpop_start(timeout)
             return
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -141,8 +147,7 @@ class Channel(kombu_redis.Channel):
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         qos = self.qos
         prefix = self.global_keyprefix or ""
-        room = qos.can_consume_max_estimate()  # None: no prefetch limit
-        most = FETCH_MOST if room is None else max(1, min(FETCH_MOST, room))
+        most = self._room()
         self._fetching = keys
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's None at first
@@ -179,10 +184,15 @@ class Channel(kombu_redis.Channel):
         if not reply:
             self._queues_empty = True
             raise Empty()
-        queue = keys[int(reply[0]) - 3].rsplit(self.sep, 1)[0]
+        key = keys[int(reply[0]) - 3]
+        queue = key.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
         taken = [(reply[i], bool(int(reply[i + 1]))) for i in range(1, len(reply), 2)]
-        for i, (item, recorded) in enumerate(taken):
+        # Closing (the consumer cancelled), or room lost while the answer waited: what is not
+        # delivered goes back to where it was, first in line.
+        keep = 0 if self._closing else self._room()
+        self._hand_back(key, taken[keep:])
+        for i, (item, recorded) in enumerate(taken[:keep]):
             tag = ""
             try:
                 message = loads(bytes_to_str(item))
@@ -191,18 +201,45 @@ class Channel(kombu_redis.Channel):
                     self._recorded.add(tag)
                 self.connection._deliver(message, queue)
             except BaseException:
-                self._hand_back([item for item, recorded in taken[i + 1 :] if recorded])
+                self._hand_back(key, taken[i + 1 : keep])
                 raise
             finally:
                 self._recorded.discard(tag)  # QoS.append took it, unless no consumer was there
         return True
 
-    def _hand_back(self, items: list[Any]) -> None:
-        """Put fetched messages that were never delivered back at the head of their queue (the
-        end that RPOP takes next), in order."""
-        for item in reversed(items):
-            with contextlib.suppress(Exception):  # or the visibility timeout brings it back
-                self.qos.restore_by_tag(loads(bytes_to_str(item))["properties"]["delivery_tag"])
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        # kombu reads the answer on an error event as a BRPOP's, and drops it
+        if type == "BRPOP" and self._fetching is not None:
+            with contextlib.suppress(Empty):
+                self._brpop_read(**options)
+            return None
+        return super()._poll_error(type, **options)
+
+    def _room(self) -> int:
+        """How many messages one fetch may take: the consumer's room, at most
+        :data:`FETCH_MOST`; one where Celery decides room by its pool (``worker_disable_prefetch``
+        replaces ``can_consume``)."""
+        qos = self.qos
+        if "can_consume" in vars(qos):
+            return 1
+        room = qos.can_consume_max_estimate()  # None: no prefetch limit
+        return FETCH_MOST if room is None else max(1, min(FETCH_MOST, room))
+
+    def _hand_back(self, key: str, taken: list[tuple[Any, bool]]) -> None:
+        """Put fetched messages that were not delivered back at the head of their queue (the end
+        that RPOP takes next), in order: those recorded through their records, as kombu restores
+        them, the others as they were."""
+        if not taken:
+            return
+        prefix = self.global_keyprefix or ""
+        with self.conn_or_acquire() as client:
+            for item, recorded in reversed(taken):
+                with contextlib.suppress(Exception):  # or the visibility timeout brings it back
+                    if recorded:
+                        tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
+                        self.qos.restore_by_tag(tag, client=client)
+                    else:
+                        client.rpush(prefix + key, item)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
