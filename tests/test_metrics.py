@@ -245,25 +245,25 @@ def test_health_says_whether_deliveries_can_flow(
     assert alone.stderr.startswith("error: unhealthy: no worker consuming metrix_s2s"), alone.stderr
     # With one: 0, naming it; it runs on this host, so --local is satisfied too
     start_worker(fake_metrix.url)
-    ok = _cli(env, "health", "--timeout", "2")
+    ok = _cli(env, "health", "--timeout", "1")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: 1 worker consuming metrix_s2s"), ok.stdout
-    assert _cli(env, "health", "--local", "--timeout", "2").returncode == 0
+    assert _cli(env, "health", "--local", "--timeout", "1").returncode == 0
     # A threshold crossed: 1, with the figure
     redis_client.zadd("metrix:dlq:by_time", {"x": 1})
     redis_client.zadd("metrix:dlq:reason:rejected", {"x": 1})
     redis_client.sadd("metrix:dlq:reasons", "rejected")
-    crossed = _cli(env, "health", "--max-dead-letters", "0")
+    crossed = _cli(env, "health", "--max-dead-letters", "0", "--timeout", "0.5")
     assert crossed.returncode == 1
     assert "1 dead letters (more than 0)" in crossed.stderr
     # A beat that never ran its periodic tasks: 1 with --beat
-    stale = _cli(env, "health", "--beat")
+    stale = _cli(env, "health", "--beat", "--timeout", "0.5")
     assert stale.returncode == 1
     assert "redrive last ran never" in stale.stderr
     now = f"{time.time():.3f}"
     redis_client.set("metrix:last_run:redrive", now)
     redis_client.set("metrix:last_run:reconcile", now)
-    assert _cli(env, "health", "--beat").returncode == 0
+    assert _cli(env, "health", "--beat", "--timeout", "1").returncode == 0
     # Redis down: 3
     down = dict(env, CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
     unreachable = _cli(down, "health", "--timeout", "1")

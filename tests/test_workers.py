@@ -57,6 +57,17 @@ def test_the_visibility_timeout_follows_the_longest_wait() -> None:
     assert options["visibility_timeout"] > 600 + longer.time_limit_s
 
 
+@pytest.mark.parametrize(("visibility", "scan_every"), [(13, 2.0), (60, 6.0), (173, 10.0)])
+def test_workers_look_for_expired_messages_every_tenth_of_the_visibility_timeout(
+    visibility: int, scan_every: float
+) -> None:
+    # kombu scans on every `throttle`-th call of its sweep, one call every `interval` seconds
+    state = dataclasses.replace(SETTINGS, visibility_timeout_override_s=visibility)
+    options = create_app(state).conf.broker_transport_options
+    every = options["unacked_restore_interval"] * options["unacked_restore_throttle"]
+    assert every == pytest.approx(scan_every)
+
+
 def test_the_task_carries_its_own_delivery_guarantees() -> None:
     task = create_app(SETTINGS).tasks[TASK_NAME]
     assert task.acks_late is True

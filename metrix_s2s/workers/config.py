@@ -35,6 +35,15 @@ BROKER_CONNECT_TIMEOUT_S = 3.0
 #: Seconds to wait for the broker's answer to one command; with the publish retries below, a
 #: ``.delay()`` against a frozen broker fails within about 8 s.
 BROKER_SOCKET_TIMEOUT_S = 2.0
+#: kombu's sweeps for expired unacknowledged messages scan Redis on every this many calls.
+RESTORE_THROTTLE = 2
+
+
+def restore_interval_s(visibility_timeout_s: float) -> float:
+    """Seconds between the calls of kombu's sweep (Redis broker): a scan every tenth of the
+    visibility timeout, at least 2 s and at most 10 s apart."""
+    scan_every_s = max(2.0, min(10.0, visibility_timeout_s / 10))
+    return scan_every_s / RESTORE_THROTTLE
 
 
 def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
@@ -63,10 +72,11 @@ def recommended_settings(settings: Settings | None = None) -> dict[str, Any]:
         transport |= {
             "visibility_timeout": s.visibility_timeout_s,
             "max_connections": BROKER_MAX_CONNECTIONS,
-            # Look for expired unacknowledged messages about every 10 s (kombu's default sweep is
-            # about 100 s), so a crashed worker's events come back soon after the timeout.
-            "unacked_restore_interval": 5,
-            "unacked_restore_throttle": 2,
+            # Look for expired unacknowledged messages every tenth of the timeout, at most every
+            # 10 s (kombu's default sweep is about 100 s), so a crashed worker's events come back
+            # soon after it.
+            "unacked_restore_interval": restore_interval_s(s.visibility_timeout_s),
+            "unacked_restore_throttle": RESTORE_THROTTLE,
         }
     return {
         "broker_transport_options": transport,
