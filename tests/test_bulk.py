@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import APP_ID, DEV_KEY, Worker, make_event, wait_until
+from conftest import APP_ID, DEV_KEY, Worker, ahead_of_rate, make_event, wait_until
 from fake_metrix import FakeMetrix
 
 from metrix_s2s import InvalidEvent, delivery, operations, pending, tasks
@@ -168,20 +168,6 @@ def items(n: int, prefix: str = "u") -> list[tuple[str, Any]]:
 
 def actions(outcomes: list[tuple[str, Any, Verdict | None]]) -> Counter[str]:
     return Counter(result.action.value if result else "none" for _, _, result in outcomes)
-
-
-def ahead_of_rate(times: list[float], started: float, interval_s: float) -> list[str]:
-    """The arrivals that came sooner than one per ``interval_s`` since ``started`` allows.
-
-    A POST held up on its way (a loaded machine, a garbage collection) arrives late, never
-    early, so unlike a count of POSTs per one-second window, this cannot fail because of the
-    machine: only because slots were handed out too fast.
-    """
-    return [
-        f"POST {i} at +{t - started:.3f} s, before its slot at +{i * interval_s:.3f} s"
-        for i, t in enumerate(sorted(times))
-        if t < started + i * interval_s - 0.001  # the clock's float rounding
-    ]
 
 
 def test_a_batch_records_every_outcome_in_the_ledger(
