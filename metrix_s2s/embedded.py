@@ -65,6 +65,17 @@ def answers(url: str) -> bool:
         client.close()
 
 
+def _served_by(url: str, pid: int) -> bool:
+    """Whether the Redis at ``url`` answers, and is the process ``pid``."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return int(client.info("server").get("process_id", -1)) == pid
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 class EmbeddedRedis:
     """A ``redis-server`` of our own, with no persistence, in a temporary directory."""
 
@@ -98,7 +109,7 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers(self.url):
+        while not _served_by(self.url, self._proc.pid):  # not another server that took the port
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise ConfigurationError(f"{self.binary} did not start on port {self.port}")

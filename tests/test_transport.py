@@ -161,11 +161,12 @@ def test_with_its_queues_empty_a_consumer_waits_for_the_next_message_and_fetches
         later.start()
         started = time.monotonic()
         conn.drain_events(timeout=10)
-        # Then it has it at once (a blocking wait, not a poll), recorded as kombu records it
+        # Then it has it at once, from a blocking wait (a BRPOP, not fetches in a loop),
+        # recorded as kombu records it
         assert time.monotonic() - started < 2
         later.join()
         assert consuming.bodies == [0]
-        assert calls(client, before, "brpop") <= 2
+        assert calls(client, before, "evalsha") <= 2
         assert client.hlen("unacked") == 1
         # And once a wait brought a message, it fetches again: two more in one round trip
         publish(conn, queue, 2, start=1)
@@ -184,8 +185,8 @@ def test_fetched_messages_a_consumer_never_got_go_back_to_the_head_of_their_queu
 ) -> None:
     queue = a_queue()
     with Connection(redis_url, transport=TRANSPORT) as conn:
-        # Given 3 messages queued, one fetch taking them all
-        publish(conn, queue, 3)
+        # Given 4 messages queued, one fetch taking the first 3
+        publish(conn, queue, 4)
         consuming = Consuming(conn, queue, prefetch=3, fail_first=True)
         # When the consumer fails at the first
         with pytest.raises(RuntimeError, match="the consumer failed"):
@@ -193,11 +194,14 @@ def test_fetched_messages_a_consumer_never_got_go_back_to_the_head_of_their_queu
         # Then the two it never got are back at the head of the queue, in order, unrecorded,
         # and the one it got is held unacknowledged
         assert consuming.bodies == [0]
-        assert client.llen(queue.name) == 2
+        assert client.llen(queue.name) == 3
         assert [t.decode() for t in client.hkeys("unacked")] == [consuming.received[0].delivery_tag]
         conn.drain_events(timeout=5)
         assert consuming.bodies == [0, 1, 2]
-        for message in consuming.received:
+        consuming.received[0].ack()
+        conn.drain_events(timeout=5)
+        assert consuming.bodies == [0, 1, 2, 3]
+        for message in consuming.received[1:]:
             message.ack()
         assert not client.hlen("unacked")
 
@@ -272,14 +276,16 @@ def test_where_kombu_decides_differently_the_fetch_follows_it(
             qos = consuming.channel.qos
             qos.can_consume = lambda: len(qos._delivered) < 3
         # When it takes one round's worth
+        before = client.info("commandstats")
         conn.drain_events(timeout=5)
         # Then without ack emulation nothing is recorded (nothing would remove it), and where
         # Celery's pool decides the room, one message comes at a time
         if how == "ack_emulation-off":
             assert consuming.bodies == [0]
             assert not client.hlen("unacked")
-        else:
+        else:  # by the fetch, recorded with it
             assert consuming.bodies == [0]
             assert client.hlen("unacked") == 1
+            assert calls(client, before, "exec") == 0
             for message in consuming.received:
                 message.ack()

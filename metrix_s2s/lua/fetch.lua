@@ -10,14 +10,15 @@
 -- ARGV[2]  most messages to take
 --
 -- Takes from the first of those keys (a queue at one priority) that has messages, up to ARGV[2]
--- of them. Returns that key's place in KEYS (3...) and its messages, each followed by 1 if it was recorded, or by 0 if it
--- names no delivery tag, exchange and routing key (the consumer records it as kombu does);
--- an empty table with every queue empty.
+-- of them. Returns that key's place in KEYS (3...), then 1 if it stopped at a message it cannot
+-- record (no delivery tag, exchange and routing key: it stays first in its queue, for the
+-- consumer to take as kombu does), else 0, then the messages it took; an empty table with every
+-- queue empty.
 
 local most = tonumber(ARGV[2])
 for i = 3, #KEYS do
-  local out = {}
-  while #out < most * 2 do
+  local out = {i, 0}
+  while #out < most + 2 do
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
     local ok, message = pcall(cjson.decode, item)
@@ -30,14 +31,13 @@ for i = 3, #KEYS do
       redis.call('HSET', KEYS[2], tag,
         '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
       out[#out + 1] = item
-      out[#out + 1] = 1
     else
-      out[#out + 1] = item
-      out[#out + 1] = 0
+      redis.call('RPUSH', KEYS[i], item)  -- back where it was, first in line
+      out[2] = 1
+      break
     end
   end
-  if #out > 0 then
-    table.insert(out, 1, i)
+  if #out > 2 or out[2] == 1 then
     return out
   end
 end

@@ -184,24 +184,26 @@ class Channel(kombu_redis.Channel):
         if not reply:
             self._queues_empty = True
             raise Empty()
-        key = keys[int(reply[0]) - 3]
+        key, stopped, taken = keys[int(reply[0]) - 3], int(reply[1]), reply[2:]
+        if stopped:  # a message the script cannot record is next: kombu's BRPOP takes it
+            self._queues_empty = True
+        if not taken:
+            raise Empty()
         queue = key.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
-        taken = [(reply[i], bool(int(reply[i + 1]))) for i in range(1, len(reply), 2)]
         # Closing (the consumer cancelled), or room lost while the answer waited: what is not
         # delivered goes back to where it was, first in line.
         keep = 0 if self._closing else self._room()
-        self._hand_back(key, taken[keep:])
-        for i, (item, recorded) in enumerate(taken[:keep]):
+        self._hand_back(taken[keep:])
+        for i, item in enumerate(taken[:keep]):
             tag = ""
             try:
                 message = loads(bytes_to_str(item))
-                if recorded:
-                    tag = message["properties"]["delivery_tag"]
-                    self._recorded.add(tag)
+                tag = message["properties"]["delivery_tag"]
+                self._recorded.add(tag)
                 self.connection._deliver(message, queue)
             except BaseException:
-                self._hand_back(key, taken[i + 1 : keep])
+                self._hand_back(taken[i + 1 : keep])
                 raise
             finally:
                 self._recorded.discard(tag)  # QoS.append took it, unless no consumer was there
@@ -225,21 +227,16 @@ class Channel(kombu_redis.Channel):
         room = qos.can_consume_max_estimate()  # None: no prefetch limit
         return FETCH_MOST if room is None else max(1, min(FETCH_MOST, room))
 
-    def _hand_back(self, key: str, taken: list[tuple[Any, bool]]) -> None:
+    def _hand_back(self, items: list[Any]) -> None:
         """Put fetched messages that were not delivered back at the head of their queue (the end
-        that RPOP takes next), in order: those recorded through their records, as kombu restores
-        them, the others as they were."""
-        if not taken:
+        that RPOP takes next), in order, through their records, as kombu restores them."""
+        if not items:
             return
-        prefix = self.global_keyprefix or ""
         with self.conn_or_acquire() as client:
-            for item, recorded in reversed(taken):
+            for item in reversed(items):
                 with contextlib.suppress(Exception):  # or the visibility timeout brings it back
-                    if recorded:
-                        tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
-                        self.qos.restore_by_tag(tag, client=client)
-                    else:
-                        client.rpush(prefix + key, item)
+                    tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
+                    self.qos.restore_by_tag(tag, client=client)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
