@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,15 +18,6 @@ from metrix_s2s.workers.transport import TRANSPORT
 
 OPTIONS = [{}, {"global_keyprefix": "pfx:"}]
 IDS = ["default", "global-keyprefix"]
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def calls(client: redis.Redis, before: dict[str, Any], command: str) -> int:
@@ -81,32 +71,32 @@ def a_queue() -> Queue:
 
 @pytest.mark.parametrize("options", OPTIONS, ids=IDS)
 def test_queued_messages_come_with_their_records_in_one_round_trip(
-    redis_url: str, client: redis.Redis, options: dict[str, str]
+    redis_url: str, redis_client: redis.Redis, options: dict[str, str]
 ) -> None:
     prefix = options.get("global_keyprefix", "")
     queue = a_queue()
-    client.script_flush()  # a restarted Redis: the transport loads its script again
+    redis_client.script_flush()  # a restarted Redis: the transport loads its script again
     with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
         # Given 5 messages queued, and a consumer with room for 3
         publish(conn, queue, 5)
         consuming = Consuming(conn, queue, prefetch=3)
-        before = client.info("commandstats")
+        before = redis_client.info("commandstats")
         # When it takes what it has room for
         conn.drain_events(timeout=5)
         # Then one fetch brought 3 messages, in order, each already recorded as unacknowledged
         # (no BRPOP, no transaction of kombu's to record them)
         assert consuming.bodies == [0, 1, 2]
-        assert calls(client, before, "brpop") == 0
-        assert calls(client, before, "exec") == 0
-        assert calls(client, before, "rpop") == 3
+        assert calls(redis_client, before, "brpop") == 0
+        assert calls(redis_client, before, "exec") == 0
+        assert calls(redis_client, before, "rpop") == 3
         tags = [m.delivery_tag for m in consuming.received]
-        assert sorted(t.decode() for t in client.hkeys(prefix + "unacked")) == sorted(tags)
-        assert all(client.zscore(prefix + "unacked_index", t) for t in tags)
-        assert abs(client.zscore(prefix + "unacked_index", tags[0]) - time.time()) < 5
-        assert client.llen(prefix + queue.name) == 2
+        assert sorted(t.decode() for t in redis_client.hkeys(prefix + "unacked")) == sorted(tags)
+        assert all(redis_client.zscore(prefix + "unacked_index", t) for t in tags)
+        assert abs(redis_client.zscore(prefix + "unacked_index", tags[0]) - time.time()) < 5
+        assert redis_client.llen(prefix + queue.name) == 2
         # And a record holds what kombu's restore needs: the message is handed back whole
         consuming.received[0].reject(requeue=True)
-        assert client.llen(prefix + queue.name) == 3
+        assert redis_client.llen(prefix + queue.name) == 3
         # And acknowledged, the others' records are gone; the rest come in the next fetches
         for message in consuming.received[1:]:
             message.ack()
@@ -114,32 +104,31 @@ def test_queued_messages_come_with_their_records_in_one_round_trip(
         assert consuming.bodies[3:] == [3, 4, 0]  # kombu requeues at the tail
         for message in consuming.received[3:]:
             message.ack()
-        assert not client.hlen(prefix + "unacked")
-        assert not client.zcard(prefix + "unacked_index")
+        assert not redis_client.hlen(prefix + "unacked")
+        assert not redis_client.zcard(prefix + "unacked_index")
 
 
 def test_a_consumer_gone_with_its_fetch_unread_loses_nothing(
-    redis_url: str, client: redis.Redis
+    redis_url: str, redis_client: redis.Redis
 ) -> None:
     queue = a_queue()
     with Connection(redis_url, transport=TRANSPORT) as conn:
         # Given a message queued and a consumer whose fetch took it
         publish(conn, queue, 1)
         consuming = Consuming(conn, queue, prefetch=1)
-        client.script_load(redis_scripts.FETCH)  # as a first fetch leaves it
-        conn.transport.cycle._register_BRPOP(consuming.channel)
-        assert wait_for(lambda: not client.llen(queue.name))
+        send_fetch(conn, consuming, redis_client)
+        assert wait_for(lambda: not redis_client.llen(queue.name))
         # When the consumer is gone before it read the answer (killed, its connection lost)
         consuming.channel.client.connection.disconnect()
     # Then the message is not lost: the broker holds it unacknowledged (kombu's BRPOP would
     # have taken it off the queue with no record of it), and its visibility timeout brings it
     # back to the queue for another consumer
-    assert client.hlen("unacked") == 1
+    assert redis_client.hlen("unacked") == 1
     with Connection(
         redis_url, transport=TRANSPORT, transport_options={"visibility_timeout": 0}
     ) as conn:
         conn.default_channel.qos.restore_visible()
-        assert client.llen(queue.name) == 1
+        assert redis_client.llen(queue.name) == 1
         again = Consuming(conn, queue, prefetch=1)
         conn.drain_events(timeout=5)
         assert again.bodies == [0]
@@ -147,7 +136,7 @@ def test_a_consumer_gone_with_its_fetch_unread_loses_nothing(
 
 
 def test_with_its_queues_empty_a_consumer_waits_for_the_next_message_and_fetches_again(
-    redis_url: str, client: redis.Redis
+    redis_url: str, redis_client: redis.Redis
 ) -> None:
     queue = a_queue()
     with Connection(redis_url, transport=TRANSPORT) as conn:
@@ -156,7 +145,7 @@ def test_with_its_queues_empty_a_consumer_waits_for_the_next_message_and_fetches
         with pytest.raises(socket.timeout):
             conn.drain_events(timeout=0.5)
         # When a message arrives while it waits
-        before = client.info("commandstats")
+        before = redis_client.info("commandstats")
         later = threading.Timer(0.3, publish_from_elsewhere, (redis_url, queue))
         later.start()
         started = time.monotonic()
@@ -166,22 +155,22 @@ def test_with_its_queues_empty_a_consumer_waits_for_the_next_message_and_fetches
         assert time.monotonic() - started < 2
         later.join()
         assert consuming.bodies == [0]
-        assert calls(client, before, "evalsha") <= 2
-        assert client.hlen("unacked") == 1
+        assert calls(redis_client, before, "evalsha") <= 2
+        assert redis_client.hlen("unacked") == 1
         # And once a wait brought a message, it fetches again: two more in one round trip
         publish(conn, queue, 2, start=1)
-        before = client.info("commandstats")
+        before = redis_client.info("commandstats")
         conn.drain_events(timeout=5)
         assert consuming.bodies == [0, 1, 2]
-        assert calls(client, before, "brpop") == 0
-        assert calls(client, before, "exec") == 0
+        assert calls(redis_client, before, "brpop") == 0
+        assert calls(redis_client, before, "exec") == 0
         for message in consuming.received:
             message.ack()
-        assert not client.hlen("unacked")
+        assert not redis_client.hlen("unacked")
 
 
 def test_fetched_messages_a_consumer_never_got_go_back_to_the_head_of_their_queue(
-    redis_url: str, client: redis.Redis
+    redis_url: str, redis_client: redis.Redis
 ) -> None:
     queue = a_queue()
     with Connection(redis_url, transport=TRANSPORT) as conn:
@@ -194,8 +183,9 @@ def test_fetched_messages_a_consumer_never_got_go_back_to_the_head_of_their_queu
         # Then the two it never got are back at the head of the queue, in order, unrecorded,
         # and the one it got is held unacknowledged
         assert consuming.bodies == [0]
-        assert client.llen(queue.name) == 3
-        assert [t.decode() for t in client.hkeys("unacked")] == [consuming.received[0].delivery_tag]
+        assert redis_client.llen(queue.name) == 3
+        held = [t.decode() for t in redis_client.hkeys("unacked")]
+        assert held == [consuming.received[0].delivery_tag]
         conn.drain_events(timeout=5)
         assert consuming.bodies == [0, 1, 2]
         consuming.received[0].ack()
@@ -203,7 +193,13 @@ def test_fetched_messages_a_consumer_never_got_go_back_to_the_head_of_their_queu
         assert consuming.bodies == [0, 1, 2, 3]
         for message in consuming.received[1:]:
             message.ack()
-        assert not client.hlen("unacked")
+        assert not redis_client.hlen("unacked")
+
+
+def send_fetch(conn: Connection, consuming: Consuming, redis_client: redis.Redis) -> None:
+    """Have the consumer's channel send a fetch, its answer left unread."""
+    redis_client.script_load(redis_scripts.FETCH)  # as a first fetch leaves it
+    conn.transport.cycle._register_BRPOP(consuming.channel)
 
 
 def wait_for(condition: Any, timeout: float = 5.0) -> bool:
@@ -216,7 +212,7 @@ def wait_for(condition: Any, timeout: float = 5.0) -> bool:
 
 
 def test_a_consumer_that_never_acknowledges_gets_no_records(
-    redis_url: str, client: redis.Redis
+    redis_url: str, redis_client: redis.Redis
 ) -> None:
     queue = a_queue()
     with Connection(redis_url, transport=TRANSPORT) as conn:
@@ -233,27 +229,26 @@ def test_a_consumer_that_never_acknowledges_gets_no_records(
         # Then they are not held unacknowledged: nothing would ever remove the records, and the
         # visibility timeout would hand them out again
         assert [b["n"] for b in received] == [0, 1]
-        assert not client.hlen("unacked")
-        assert not client.zcard("unacked_index")
+        assert not redis_client.hlen("unacked")
+        assert not redis_client.zcard("unacked_index")
 
 
 def test_a_consumer_closed_with_a_fetch_unread_puts_its_messages_back_in_order(
-    redis_url: str, client: redis.Redis
+    redis_url: str, redis_client: redis.Redis
 ) -> None:
     queue = a_queue()
     with Connection(redis_url, transport=TRANSPORT) as conn:
         # Given a consumer whose fetch took 3 of 5 messages, its answer not read yet
         publish(conn, queue, 5)
         consuming = Consuming(conn, queue, prefetch=3)
-        client.script_load(redis_scripts.FETCH)  # as a first fetch leaves it
-        conn.transport.cycle._register_BRPOP(consuming.channel)
-        assert wait_for(lambda: client.llen(queue.name) == 2)
+        send_fetch(conn, consuming, redis_client)
+        assert wait_for(lambda: redis_client.llen(queue.name) == 2)
         # When it is cancelled and its channel closes (and reads the answer), as at a warm
         # shutdown
         consuming.consumer.cancel()
         consuming.channel.close()
     # Then the messages are back at the head of the queue, in order, and not held
-    assert not client.hlen("unacked")
+    assert not redis_client.hlen("unacked")
     with Connection(redis_url, transport=TRANSPORT) as conn:
         again = Consuming(conn, queue, prefetch=5)
         conn.drain_events(timeout=5)
@@ -264,7 +259,7 @@ def test_a_consumer_closed_with_a_fetch_unread_puts_its_messages_back_in_order(
 
 @pytest.mark.parametrize("how", ["ack_emulation-off", "prefetch-by-pool"])
 def test_where_kombu_decides_differently_the_fetch_follows_it(
-    redis_url: str, client: redis.Redis, how: str
+    redis_url: str, redis_client: redis.Redis, how: str
 ) -> None:
     queue = a_queue()
     options = {"ack_emulation": False} if how == "ack_emulation-off" else {}
@@ -276,16 +271,16 @@ def test_where_kombu_decides_differently_the_fetch_follows_it(
             qos = consuming.channel.qos
             qos.can_consume = lambda: len(qos._delivered) < 3
         # When it takes one round's worth
-        before = client.info("commandstats")
+        before = redis_client.info("commandstats")
         conn.drain_events(timeout=5)
         # Then without ack emulation nothing is recorded (nothing would remove it), and where
         # Celery's pool decides the room, one message comes at a time
         if how == "ack_emulation-off":
             assert consuming.bodies == [0]
-            assert not client.hlen("unacked")
+            assert not redis_client.hlen("unacked")
         else:  # by the fetch, recorded with it
             assert consuming.bodies == [0]
-            assert client.hlen("unacked") == 1
-            assert calls(client, before, "exec") == 0
+            assert redis_client.hlen("unacked") == 1
+            assert calls(redis_client, before, "exec") == 0
             for message in consuming.received:
                 message.ack()

@@ -65,19 +65,17 @@ class QoS(kombu_redis.QoS):
     (:mod:`metrix_s2s.unacked`) makes no round trip."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        recorded = self.channel._recorded
-        if delivery_tag in recorded:  # by the fetch that took it
-            recorded.discard(delivery_tag)
+        if delivery_tag in self.channel._recorded:  # by the fetch that took it
             virtual.QoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
+        unacked.taken(delivery_tag, *self.record_keys(), self.channel.pool.connection_kwargs)
+
+    def record_keys(self) -> tuple[str, str]:
+        """The keys of the unacknowledged records, index and messages, as they are in Redis
+        (with the ``global_keyprefix``)."""
         prefix = self.channel.global_keyprefix or ""
-        unacked.taken(
-            delivery_tag,
-            prefix + self.unacked_index_key,
-            prefix + self.unacked_key,
-            self.channel.pool.connection_kwargs,
-        )
+        return prefix + self.unacked_index_key, prefix + self.unacked_key
 
     def ack(self, delivery_tag: str) -> None:
         if not self._ended(delivery_tag):
@@ -145,9 +143,7 @@ class Channel(kombu_redis.Channel):
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        qos = self.qos
         prefix = self.global_keyprefix or ""
-        most = self._room()
         self._fetching = keys
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu's None at first
@@ -155,11 +151,10 @@ class Channel(kombu_redis.Channel):
             "EVALSHA",
             FETCH_SHA,
             2 + len(keys),
-            prefix + qos.unacked_index_key,
-            prefix + qos.unacked_key,
+            *self.qos.record_keys(),
             *(prefix + key for key in keys),
             repr(time.time()),
-            most,
+            self._room(),
         )
 
     def _brpop_read(self, **options: Any) -> Any:
@@ -206,7 +201,7 @@ class Channel(kombu_redis.Channel):
                 self._hand_back(taken[i + 1 : keep])
                 raise
             finally:
-                self._recorded.discard(tag)  # QoS.append took it, unless no consumer was there
+                self._recorded.discard(tag)  # QoS.append has seen it (or no consumer was there)
         return True
 
     def _poll_error(self, type: str, **options: Any) -> Any:
