@@ -2,13 +2,14 @@
 
 :func:`deliver_many` is :meth:`Deliverer.deliver` for many events of one app at once, built on
 the deliverer's public steps (check, claim in the ledger, send, record) and the same verdicts.
-The batch's own thread (the task's) claims events in groups, as many as there are free places (one
-ledger round trip per group), and hands each claimed event to the process's sending threads, which
-only wait for the event's rate-limit slot and POST it. Finished sends come back to the batch's
-thread, which asks :mod:`metrix_s2s.verdicts` what each means and records all that finished
-together in one round trip: a delivered event is in the ledger a few milliseconds after Metrix
-answered. Redis is thus touched a few times per group of events rather than twice per event, and
-the sending threads never wait for it.
+The batch's own thread (the task's) claims events in groups, as many as there are free places and
+at least a quarter of ``METRIX_BULK_CONCURRENCY`` while it has that many left (one ledger round
+trip per group, however many batches share the threads), and hands each claimed event to the
+process's sending threads, which only wait for the event's rate-limit slot and POST it.
+Finished sends come back to the batch's thread, which asks :mod:`metrix_s2s.verdicts` what each
+means and records all that finished together in one round trip: a delivered event is in the
+ledger a few milliseconds after Metrix answered. Redis is thus touched a few times per group of
+events rather than twice per event, and the sending threads never wait for it.
 
 Without a rate-limit slot, the batch waits in the worker for at most :data:`BULK_PACE_S` in all,
 then hands the rest back (deferred); a 429 pause likewise. After
@@ -84,15 +85,22 @@ def deliver_many(
 class _Slots:
     """The free sending threads of this process, shared by its concurrent batches: a batch
     claims an event only when a thread is free to send it, so no claimed event waits in a queue
-    while its in-flight guard runs out."""
+    while its in-flight guard runs out. A batch takes threads a group at a time (``least``), so
+    that its claims, and its finishes, go to Redis a group per call: taken one or two at a time
+    by many batches at once, every claim and every finish would be a round trip of its own."""
 
     def __init__(self, width: int) -> None:
         self._cond = threading.Condition()
         self._free = width
+        #: The ``least`` of each batch waiting in :meth:`wait`.
+        self._waiting: list[int] = []
 
-    def take(self, wanted: int) -> int:
-        """Up to ``wanted`` free threads, without waiting."""
+    def take(self, wanted: int, least: int = 1) -> int:
+        """Up to ``wanted`` free threads, without waiting; none while fewer than ``least`` (at
+        most ``wanted``) are free."""
         with self._cond:
+            if self._free < min(least, wanted):
+                return 0
             got = min(wanted, self._free)
             self._free -= got
             return got
@@ -101,13 +109,18 @@ class _Slots:
         if count:
             with self._cond:
                 self._free += count
-                self._cond.notify_all()
+                # woken only when one of them can go on: not 60 times a group
+                if self._waiting and self._free >= min(self._waiting):
+                    self._cond.notify_all()
 
-    def wait(self, timeout: float) -> None:
-        """Until a thread is given back, or ``timeout``."""
+    def wait(self, timeout: float, least: int = 1) -> None:
+        """Until ``least`` threads are free, or ``timeout``."""
         with self._cond:
-            if not self._free:
-                self._cond.wait(timeout)
+            self._waiting.append(least)
+            try:
+                self._cond.wait_for(lambda: self._free >= least, timeout)
+            finally:
+                self._waiting.remove(least)
 
 
 _pool_lock = threading.Lock()
@@ -172,6 +185,8 @@ class _Batch:
         self.done: queue.SimpleQueue[_Sent] = queue.SimpleQueue()
         self.in_flight = 0
         self.width = self.settings.bulk_concurrency
+        #: Events claimed together (while there are as many left): a quarter of the width.
+        self.group = max(1, self.width // 4)
         self.stop_claiming_at = time.monotonic() + self.settings.bulk_claim_window_s
         self.pace_left_s = BULK_PACE_S
         self.resume_at = 0.0
@@ -184,12 +199,14 @@ class _Batch:
         while self.todo or self.in_flight:
             now = time.monotonic()
             can_claim = bool(self.todo) and not self.broken
-            room = self.width - self.in_flight >= max(1, self.width // 4) or not self.in_flight
+            room = self.width - self.in_flight >= self.group or not self.in_flight
             if can_claim and room and now >= self.resume_at:
                 if now >= self.stop_claiming_at:
                     self._defer_rest(0)
                     continue
-                free = slots.take(min(self.width - self.in_flight, len(self.todo)))
+                wanted = min(self.width - self.in_flight, len(self.todo))
+                least = min(wanted, self.group)
+                free = slots.take(wanted, least)
                 if free:
                     self.handed = 0
                     try:
@@ -199,7 +216,7 @@ class _Batch:
                 elif self.in_flight:
                     self._collect(SLOT_WAIT_S)  # other batches hold the threads: ours first
                 else:
-                    slots.wait(SLOT_WAIT_S)
+                    slots.wait(SLOT_WAIT_S, least)
             elif self.in_flight:
                 # Until a send finishes, or until the app may be claimed from again.
                 self._collect(self.resume_at - now if can_claim and room else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -302,3 +303,39 @@ def test_a_delivery_redis_would_not_record_is_recorded_later_never_sent_again(
     assert len(fake_metrix.requests) == 1
     assert redis_client.exists("metrix:delivered:e-unrecorded")
     assert d.unrecorded == {}
+
+
+def test_batches_sharing_the_senders_claim_in_groups(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given four batches at once in one process, sharing its 16 sending threads (a claim group
+    # of 4), against a Metrix slow enough that they all wait for threads
+    fake_metrix.set_latency(0.05)
+    d = deliverer(METRIX_BULK_CONCURRENCY="16")
+    claims: list[tuple[str, int]] = []
+    real_claim_many = d.ledger.claim_many
+
+    def claim_many(entries: Any, *args: Any, **kwargs: Any) -> Any:
+        claims.append((entries[0][0].split("-")[0], len(entries)))  # the batch, the group
+        return real_claim_many(entries, *args, **kwargs)
+
+    monkeypatch.setattr(d.ledger, "claim_many", claim_many)
+    results: dict[str, Counter[str]] = {}
+
+    def run(prefix: str) -> None:
+        results[prefix] = actions(deliver_many(d, APP_ID, items(40, prefix)))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in ("a", "b", "c", "d")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    # Then every event was delivered once
+    assert results == {p: {"delivered": 40} for p in "abcd"}
+    assert len(fake_metrix.requests) == 160
+    # And each batch claimed a group of at least 4 at a time but for its last few: never the
+    # one or two threads another batch had just given back
+    for prefix in "abcd":
+        sizes = [size for batch_, size in claims if batch_ == prefix]
+        assert sum(sizes) == 40
+        assert all(size >= 4 for size in sizes[:-1]), sizes
