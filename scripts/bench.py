@@ -711,13 +711,18 @@ class Bench:
 
     # -- no Celery ------------------------------------------------------------------------------
 
-    def requests_loop(self, n: int, threads: int, latency: float) -> dict[str, Any]:
-        """``n`` POSTs from one other process, ``threads`` at a time, on one Session."""
+    def requests_loop(
+        self, n: int, threads: int, latency: float, *, client: bool = False
+    ) -> dict[str, Any]:
+        """``n`` POSTs from one other process, ``threads`` at a time, on one Session: with
+        ``requests.post`` or (``client``) metrix-s2s's own ``MetrixClient.send``, with no Celery
+        and no ledger (what the bulk path's sending threads do, alone)."""
         self.fake.reset()
         self.fake.set_latency(latency)
         script = str(Path(__file__).resolve())
-        cmd = [sys.executable, script, "--requests-loop", str(n), str(threads)]
-        label = f"requests loop, {threads} thread(s), {latency * 1000:g} ms"
+        how = "client" if client else "requests"
+        cmd = [sys.executable, script, "--requests-loop", str(n), str(threads), how]
+        label = f"{how} loop, {threads} thread(s), {latency * 1000:g} ms"
         self.say(f"no Celery: {label}: {n} events")
         proc = subprocess.Popen(cmd, env=self.env, cwd=self.tmp, stdout=subprocess.PIPE)
         timeout = 60 + n * 0.1
@@ -736,13 +741,17 @@ class Bench:
             raise BenchError(f"{label}: {len(arrivals)} of {n} events accepted")
         span = arrivals[-1] - arrivals[0]
         rate = (n - 1) / span
-        self.say(f"   {rate:.1f} events/s")
+        reported = json.loads(out)
+        cpu_ms = round(reported["cpu_s"] / n * 1000, 2)
+        self.say(f"   {rate:.1f} events/s, {cpu_ms} ms of CPU per event")
         return {
+            "client": "MetrixClient.send" if client else "requests.post",
             "threads": threads,
             "latency_ms": round(latency * 1000),
             "events": n,
             "events_per_s": round(rate, 1),
-            "client_seconds": json.loads(out)["seconds"],
+            "client_seconds": reported["seconds"],
+            "cpu_ms_per_event": cpu_ms,
         }
 
     # -- where the time goes, in-process ---------------------------------------------------------
@@ -866,19 +875,33 @@ def _top(profiler: cProfile.Profile, calls: int, entries: int = 14) -> list[str]
 # -- the loop of the "no Celery" measurement, in a process of its own ------------------------------
 
 
-def requests_loop_main(n: int, threads: int) -> int:
+def requests_loop_main(n: int, threads: int, how: str) -> int:
     run = uuid.uuid4().hex[:8]
     events = [make_event(i, run) for i in range(n)]
     shares = [events[i::threads] for i in range(threads)]
     errors: list[BaseException] = []
+    post: Callable[[dict[str, Any]], Any] = functools.partial(post_event, APP_ID)
+    if how == "client":
+        from metrix_s2s.client import MetrixClient
+
+        base_url, keys = _target()
+        metrix = MetrixClient(
+            base_url, connect_timeout_s=3.05, read_timeout_s=10, pool_size=threads
+        )
+
+        def post(event: dict[str, Any]) -> Any:
+            outcome = metrix.send(APP_ID, keys[APP_ID], event)
+            if outcome.status != 200:
+                raise RuntimeError(f"answered {outcome.status}: {outcome.detail}")
 
     def send(share: list[dict[str, Any]]) -> None:
         try:
             for event in share:
-                post_event(APP_ID, event)
+                post(event)
         except BaseException as exc:
             errors.append(exc)
 
+    cpu_started = time.process_time()
     started = time.perf_counter()
     workers = [threading.Thread(target=send, args=(share,)) for share in shares]
     for thread in workers:
@@ -889,7 +912,8 @@ def requests_loop_main(n: int, threads: int) -> int:
     if errors:
         print(f"requests loop: {errors[0]!r}", file=sys.stderr)
         return 1
-    print(json.dumps({"seconds": round(elapsed, 3)}))
+    cpu = time.process_time() - cpu_started
+    print(json.dumps({"seconds": round(elapsed, 3), "cpu_s": round(cpu, 3)}))
     return 0
 
 
@@ -1117,6 +1141,8 @@ def run_all(bench: Bench, quick: bool, repeat: int) -> dict[str, Any]:
         bench.requests_loop(s.sequential_50ms_events, 1, 0.05),
         bench.requests_loop(n, BULK_CONCURRENCY, 0.0),
         bench.requests_loop(n, BULK_CONCURRENCY, 0.05),
+        bench.requests_loop(n, BULK_CONCURRENCY, 0.0, client=True),
+        bench.requests_loop(n, BULK_CONCURRENCY, 0.05, client=True),
     ]
     result["outbox"] = bench.outbox_cost(s.outbox_transactions)
     result["in_process"] = bench.worker_side_cost(s.profile_events)
@@ -1206,7 +1232,7 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
         at0, at50 = _rate(result, "metrix", pool, size, 0), _rate(result, "metrix", pool, size, 50)
         put(f"e2e_{pool}{size}_metrix_50ms_vs_0ms", at50, at0)
     loops = {
-        r["latency_ms"]: r["events_per_s"]
+        (r.get("client", "requests.post"), r["latency_ms"]): r["events_per_s"]
         for r in result["no_celery"]
         if r["threads"] == BULK_CONCURRENCY
     }
@@ -1214,7 +1240,8 @@ def ratios_and_targets(result: dict[str, Any]) -> tuple[dict[str, float], dict[s
         bulk = _rate(result, "bulk", "threads", THREADS, ms)
         single = _rate(result, "metrix", "threads", THREADS, ms)
         put(f"bulk_vs_per_event_threads{THREADS}_{ms}ms", bulk, single)
-        put(f"bulk_vs_requests_loop_{BULK_CONCURRENCY}_threads_{ms}ms", bulk, loops.get(ms))
+        for client, name in (("requests.post", "requests_loop"), ("MetrixClient.send", "sends")):
+            put(f"bulk_vs_{name}_{BULK_CONCURRENCY}_threads_{ms}ms", bulk, loops.get((client, ms)))
     single50 = _rate(result, "metrix", "threads", THREADS, 50)
     single0 = _rate(result, "metrix", "threads", THREADS, 0)
     for run in result["end_to_end"]:
@@ -1313,12 +1340,13 @@ def render(result: dict[str, Any], argv: list[str]) -> str:
         add(f"  {name:<48} {v['calls_per_s']:>8.0f} {v['p50_ms']:>8.3f} {v['p99_ms']:>8.3f}")
     _render_end_to_end(result["end_to_end"], out)
     add("")
-    add("No Celery: one process posting on one requests.Session (the fake server's ceiling)")
+    add("No Celery: one process posting on one requests.Session; its CPU ms/event")
     for r in result["no_celery"]:
         what = "sequential" if r["threads"] == 1 else f"{r['threads']} threads"
+        loop = f"{r.get('client', 'requests.post')} loop"
         add(
-            f"  {what:<11} {r['latency_ms']:>4} ms  {'requests.post loop':<42} {r['events']:>6} "
-            f"{r['events_per_s']:>9.1f}"
+            f"  {what:<11} {r['latency_ms']:>4} ms  {loop:<42} {r['events']:>6} "
+            f"{r['events_per_s']:>9.1f} {r.get('cpu_ms_per_event', float('nan')):>13.2f}"
         )
     _render_outbox(result["outbox"], out)
     _render_in_process(result["in_process"], out)
@@ -1443,7 +1471,8 @@ def _verdict(target: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["--requests-loop"]:
-        return requests_loop_main(int(args_list[1]), int(args_list[2]))
+        how = args_list[3] if len(args_list) > 3 else "requests"
+        return requests_loop_main(int(args_list[1]), int(args_list[2]), how)
     if args_list[:1] == ["--enqueue-child"]:
         return enqueue_child_main()
     if args_list[:1] == ["--outbox-child"]:
