@@ -249,10 +249,11 @@ def _read_excerpt(response: requests.Response) -> bytes:
     try:
         while len(data) <= MAX_BODY_BYTES:
             piece = raw.read(MAX_BODY_BYTES + 1 - len(data))
-            if not piece:
+            data += piece
+            # all of a Content-Length read (the usual short answer): no read to find the end
+            if not piece or getattr(raw, "length_remaining", None) == 0:
                 complete = True
                 break
-            data += piece
     finally:
         if complete:
             raw.release_conn()
