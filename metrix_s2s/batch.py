@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,31 +128,35 @@ class _Slots:
 class _Senders:
     """The sending threads of this process: each takes the next send handed over and runs it.
     Lighter than a ``ThreadPoolExecutor`` (no future and no idle-thread semaphore per send: a
-    batch collects its outcomes itself); at 50 ms the bulk path delivered about 12% more with it."""
+    batch collects its outcomes itself); at 50 ms the bulk path delivered about 12% more with it.
+    The threads hold only their queue: they end once nothing holds this object any more (another
+    width replaced it and the last batch that took it is done), as an executor's do."""
 
     def __init__(self, width: int) -> None:
-        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"metrix-bulk-{i}", daemon=True)
-            for i in range(width)
-        ]
-        for thread in self._threads:
-            thread.start()
+        work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._work = work
+        for i in range(width):
+            threading.Thread(
+                target=_serve, args=(work,), name=f"metrix-bulk-{i}", daemon=True
+            ).start()
+        weakref.finalize(self, _stop, work, width)
 
     def submit(self, send: Callable[[], None]) -> None:
         self._work.put(send)
 
-    def close(self) -> None:
-        """Let the threads end once the sends handed over are done."""
-        for _ in self._threads:
-            self._work.put(None)
 
-    def _run(self) -> None:
-        while (send := self._work.get()) is not None:
-            try:
-                send()
-            except BaseException:  # a send reports its own outcome; this thread goes on
-                logger.exception("a bulk sending thread failed")
+def _serve(work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    """A sending thread: runs each send handed over until it is told to end."""
+    while (send := work.get()) is not None:
+        try:
+            send()
+        except BaseException:  # not expected (a send hands back whatever it raised): go on
+            logger.exception("a bulk sending thread failed")
+
+
+def _stop(work: queue.SimpleQueue[Callable[[], None] | None], width: int) -> None:
+    for _ in range(width):
+        work.put(None)
 
 
 _pool_lock = threading.Lock()
@@ -164,8 +169,6 @@ def _senders(width: int) -> tuple[_Senders, _Slots]:
     global _pool  # noqa: PLW0603 - one pool per process and width
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] != width:
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].close()  # another width: the old threads end
             _pool = (os.getpid(), width, _Senders(width), _Slots(width))
         return _pool[2], _pool[3]
 
@@ -196,7 +199,8 @@ class _Sent:
     entry: _Entry
     token: str
     claim: Claim
-    outcome: tuple[Outcome, float] | Verdict | BaseException
+    #: None: the sending thread was interrupted before the send had an outcome.
+    outcome: tuple[Outcome, float] | Verdict | BaseException | None
 
 
 class _Batch:
@@ -304,14 +308,14 @@ class _Batch:
 
     def _send(self, slots: _Slots, entry: _Entry, token: str, claim: Claim) -> None:
         """In a sending thread: wait for the slot, POST, hand the outcome back."""
-        outcome: tuple[Outcome, float] | Verdict | BaseException
+        outcome: tuple[Outcome, float] | Verdict | BaseException | None = None
         try:
             outcome = self.d.send(self.app, entry.event, entry.event_id, token, claim)
         except Exception as exc:  # handed to the batch's thread, which decides what it means
             outcome = exc
-        finally:
+        finally:  # interrupted otherwise (None): the batch must not wait for it forever
             slots.give()
-        self.done.put(_Sent(entry, token, claim, outcome))
+            self.done.put(_Sent(entry, token, claim, outcome))
 
     def _collect(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for a send to finish, then take every other one that has
@@ -335,7 +339,7 @@ class _Batch:
                 self.results[entry.index] = outcome
                 self.d.log(self.app.app_id, entry.event_id, outcome)
                 continue
-            if isinstance(outcome, redis.RedisError):
+            if outcome is None or isinstance(outcome, redis.RedisError):
                 self.broken = True  # nothing decided: the task tries it again
                 continue
             if isinstance(outcome, BaseException):

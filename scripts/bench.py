@@ -19,8 +19,9 @@ is measured too, as a second column.
    counted at the fake server, from the first accepted request to the last;
 3. the threads pool at 50 ms against its own rate at 0 ms;
 4. the bulk path, ``send_metrix_events.delay(app_id, events)`` in batches, against the per-event
-   path, and a loop of ``requests.post`` on a Session with no Celery (near enough the fake
-   server's own ceiling);
+   path, a loop of ``requests.post`` on a Session with no Celery, and the bulk path's sends alone
+   (``MetrixClient.send`` on as many threads, no Celery, no ledger: the ceiling the bulk path
+   works under), each loop with its own CPU per event;
 5. each worker's peak memory: VmHWM of the process and of its children, at the end of its run;
 6. the worker's Prometheus metrics: the per-event run at 0 ms again with ``METRIX_METRICS_PORT``
    set (its worker CPU per event against the run without);

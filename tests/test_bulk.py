@@ -309,9 +309,10 @@ def test_batches_sharing_the_senders_claim_in_groups(
     deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given four batches at once in one process, sharing its 16 sending threads (a claim group
-    # of 4), against a Metrix slow enough that they all wait for threads
+    # of 4), against a Metrix slow enough that they all wait for threads, and no rate limit
+    # that would pace them instead
     fake_metrix.set_latency(0.05)
-    d = deliverer(METRIX_BULK_CONCURRENCY="16")
+    d = deliverer(METRIX_BULK_CONCURRENCY="16", METRIX_RATE_LIMIT="100000/s")
     claims: list[tuple[str, int]] = []
     real_claim_many = d.ledger.claim_many
 
@@ -339,3 +340,25 @@ def test_batches_sharing_the_senders_claim_in_groups(
         sizes = [size for batch_, size in claims if batch_ == prefix]
         assert sum(sizes) == 40
         assert all(size >= 4 for size in sizes[:-1]), sizes
+
+
+def test_a_batch_running_when_another_width_starts_still_ends(
+    deliverer: Callable[..., Deliverer], fake_metrix: FakeMetrix
+) -> None:
+    # Given a batch under way on 16 sending threads against a slow Metrix
+    fake_metrix.set_latency(0.05)
+    wide = deliverer(METRIX_BULK_CONCURRENCY="16", METRIX_RATE_LIMIT="100000/s")
+    results: list[Counter[str]] = []
+    running = threading.Thread(
+        target=lambda: results.append(actions(deliver_many(wide, APP_ID, items(100, "w"))))
+    )
+    running.start()
+    assert wait_until(lambda: len(fake_metrix.requests) >= 16, timeout=10)
+    # When a batch of another width (new settings in the process) runs meanwhile
+    narrow = deliverer(METRIX_BULK_CONCURRENCY="8", METRIX_RATE_LIMIT="100000/s")
+    assert actions(deliver_many(narrow, APP_ID, items(5, "n"))) == {"delivered": 5}
+    # Then the first one still sends the rest of its events on its own threads, and ends
+    running.join(timeout=30)
+    assert not running.is_alive()
+    assert results == [{"delivered": 100}]
+    assert len(fake_metrix.requests) == 105
