@@ -111,7 +111,7 @@ class _Slots:
         if count:
             with self._cond:
                 self._free += count
-                # woken only when one of them can go on: not 60 times a group
+                # the waiting batches are woken once one of them can go on, not at every thread
                 if self._waiting and self._free >= min(self._waiting):
                     self._cond.notify_all()
 
