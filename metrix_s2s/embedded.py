@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -56,20 +56,20 @@ def free_port() -> int:
 
 def answers(url: str) -> bool:
     """Whether a Redis at ``url`` answers PING within a second."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
+    return _asked(url, lambda client: bool(client.ping()))
 
 
 def _served_by(url: str, pid: int) -> bool:
     """Whether the Redis at ``url`` answers, and is the process ``pid``."""
+    return _asked(url, lambda client: int(client.info("server").get("process_id", -1)) == pid)
+
+
+def _asked(url: str, question: Callable[[redis.Redis], bool]) -> bool:
+    """``question`` put to the Redis at ``url`` on a client of its own (a second to connect and
+    to answer); False when it cannot be asked."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     try:
-        return int(client.info("server").get("process_id", -1)) == pid
+        return question(client)
     except redis.RedisError:
         return False
     finally:

@@ -300,6 +300,12 @@ def producer(producer_env: None, redis_client: redis.Redis) -> Any:
     return send_metrix_event
 
 
+def calls_since(client: redis.Redis, before: dict[str, Any], command: str) -> int:
+    """How often ``command`` ran since ``before`` (an ``INFO commandstats``)."""
+    now = client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})["calls"]
+    return int(now - before.get(f"cmdstat_{command}", {"calls": 0})["calls"])
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05
 ) -> bool:

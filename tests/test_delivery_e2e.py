@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import APP_ID, DEV_KEY, OTHER_APP, Worker, make_event, wait_until
+from conftest import APP_ID, DEV_KEY, OTHER_APP, Worker, calls_since, make_event, wait_until
 from fake_metrix import FakeMetrix
 
 from metrix_s2s import InvalidEvent
@@ -299,10 +299,7 @@ def test_an_ended_events_acknowledgement_rides_on_its_finish_where_the_task_ran(
     # Then the broker holds no message unacknowledged, and each event was sent once
     assert wait_until(lambda: not redis_client.hlen("unacked") and not redis_client.llen(QUEUE))
     assert len(fake_metrix.requests) == events
-    after = redis_client.info("commandstats")
-    transactions = (
-        after["cmdstat_exec"]["calls"] - before.get("cmdstat_exec", {"calls": 0})["calls"]
-    )
+    transactions = calls_since(redis_client, before, "exec")
     # And the transport's fetch recorded each message as unacknowledged as it took it (no
     # transaction for that), and where the task ran in the process that acknowledges it
     # (threads), the finish removed the message's record and the acknowledgement made no

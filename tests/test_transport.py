@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import calls_since, wait_until
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from metrix_s2s import redis_scripts
@@ -18,12 +19,6 @@ from metrix_s2s.workers.transport import TRANSPORT
 
 OPTIONS = [{}, {"global_keyprefix": "pfx:"}]
 IDS = ["default", "global-keyprefix"]
-
-
-def calls(client: redis.Redis, before: dict[str, Any], command: str) -> int:
-    """How often ``command`` ran since ``before`` (an ``INFO commandstats``)."""
-    now = client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})["calls"]
-    return int(now - before.get(f"cmdstat_{command}", {"calls": 0})["calls"])
 
 
 class Consuming:
@@ -86,9 +81,9 @@ def test_queued_messages_come_with_their_records_in_one_round_trip(
         # Then one fetch brought 3 messages, in order, each already recorded as unacknowledged
         # (no BRPOP, no transaction of kombu's to record them)
         assert consuming.bodies == [0, 1, 2]
-        assert calls(redis_client, before, "brpop") == 0
-        assert calls(redis_client, before, "exec") == 0
-        assert calls(redis_client, before, "rpop") == 3
+        assert calls_since(redis_client, before, "brpop") == 0
+        assert calls_since(redis_client, before, "exec") == 0
+        assert calls_since(redis_client, before, "rpop") == 3
         tags = [m.delivery_tag for m in consuming.received]
         assert sorted(t.decode() for t in redis_client.hkeys(prefix + "unacked")) == sorted(tags)
         assert all(redis_client.zscore(prefix + "unacked_index", t) for t in tags)
@@ -117,7 +112,7 @@ def test_a_consumer_gone_with_its_fetch_unread_loses_nothing(
         publish(conn, queue, 1)
         consuming = Consuming(conn, queue, prefetch=1)
         send_fetch(conn, consuming, redis_client)
-        assert wait_for(lambda: not redis_client.llen(queue.name))
+        assert wait_until(lambda: not redis_client.llen(queue.name), timeout=5)
         # When the consumer is gone before it read the answer (killed, its connection lost)
         consuming.channel.client.connection.disconnect()
     # Then the message is not lost: the broker holds it unacknowledged (kombu's BRPOP would
@@ -155,15 +150,15 @@ def test_with_its_queues_empty_a_consumer_waits_for_the_next_message_and_fetches
         assert time.monotonic() - started < 2
         later.join()
         assert consuming.bodies == [0]
-        assert calls(redis_client, before, "evalsha") <= 2
+        assert calls_since(redis_client, before, "evalsha") <= 2
         assert redis_client.hlen("unacked") == 1
         # And once a wait brought a message, it fetches again: two more in one round trip
         publish(conn, queue, 2, start=1)
         before = redis_client.info("commandstats")
         conn.drain_events(timeout=5)
         assert consuming.bodies == [0, 1, 2]
-        assert calls(redis_client, before, "brpop") == 0
-        assert calls(redis_client, before, "exec") == 0
+        assert calls_since(redis_client, before, "brpop") == 0
+        assert calls_since(redis_client, before, "exec") == 0
         for message in consuming.received:
             message.ack()
         assert not redis_client.hlen("unacked")
@@ -202,15 +197,6 @@ def send_fetch(conn: Connection, consuming: Consuming, redis_client: redis.Redis
     conn.transport.cycle._register_BRPOP(consuming.channel)
 
 
-def wait_for(condition: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return bool(condition())
-
-
 def test_a_consumer_that_never_acknowledges_gets_no_records(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -242,7 +228,7 @@ def test_a_consumer_closed_with_a_fetch_unread_puts_its_messages_back_in_order(
         publish(conn, queue, 5)
         consuming = Consuming(conn, queue, prefetch=3)
         send_fetch(conn, consuming, redis_client)
-        assert wait_for(lambda: redis_client.llen(queue.name) == 2)
+        assert wait_until(lambda: redis_client.llen(queue.name) == 2, timeout=5)
         # When it is cancelled and its channel closes (and reads the answer), as at a warm
         # shutdown
         consuming.consumer.cancel()
@@ -281,6 +267,6 @@ def test_where_kombu_decides_differently_the_fetch_follows_it(
         else:  # by the fetch, recorded with it
             assert consuming.bodies == [0]
             assert redis_client.hlen("unacked") == 1
-            assert calls(redis_client, before, "exec") == 0
+            assert calls_since(redis_client, before, "exec") == 0
             for message in consuming.received:
                 message.ack()
