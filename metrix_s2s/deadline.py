@@ -11,19 +11,23 @@ client reports a timeout, which is retryable.
 The HTTP connections register their socket with the attempt of the thread that uses them
 (:func:`watch_socket`), when they connect and before each request, so a kept-alive connection
 taken from the pool is covered too.
+
+A busy worker runs many exchanges at once, so the common path takes no lock that they share:
+attempts of one length join a line of their own (a ``deque``: they end in the order they began,
+but for a thread switch between an attempt's start and its joining the line, which a cut may come
+late by), and each attempt has its own lock, which only its thread and the watchdog take. The
+watchdog's lock is taken only when a line was empty, to wake it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import heapq
-import itertools
+import collections
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 logger = logging.getLogger("metrix_s2s.client")
@@ -36,19 +40,26 @@ WATCHDOG_TICK_S = 1.0
 class Attempt:
     """One exchange's deadline and the sockets it uses."""
 
-    __slots__ = ("deadline", "expired", "finished", "sockets")
+    __slots__ = ("deadline", "expired", "finished", "lock", "sockets")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline  # time.monotonic()
         self.sockets: list[socket.socket] = []
         self.expired = False
         self.finished = False
+        # Taken by the attempt's thread and by the watchdog, so that a socket back in the pool
+        # (or an attempt over) is never shut by a late cut.
+        self.lock = threading.Lock()
 
     def cut(self) -> None:
-        """End the exchange now: shut down its sockets (a blocked read or write fails at once)."""
-        self.expired = True
-        for sock in self.sockets:
-            _shutdown(sock)
+        """End the exchange now, unless it is over: shut down its sockets (a blocked read or
+        write fails at once)."""
+        with self.lock:
+            if self.finished:
+                return
+            self.expired = True
+            for sock in self.sockets:
+                _shutdown(sock)
 
 
 def _shutdown(sock: Any) -> None:
@@ -66,63 +77,67 @@ def _shutdown(sock: Any) -> None:
 
 
 class _Watchdog:
-    """The process's watchdog thread and the attempts it watches, soonest deadline first."""
+    """The process's watchdog thread and the attempts it watches: one line per length of
+    attempt, soonest deadline first."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Attempt]] = []
-        self._seq = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._lines: dict[float, collections.deque[Attempt]] = {}
         self._pid = 0
         self._thread: threading.Thread | None = None
 
-    def finish(self, attempt: Attempt) -> None:
-        """The exchange is over: its sockets are no longer cut (taken under the lock the cutting
-        holds, so a socket back in the pool is never shut by a late cut)."""
-        with self._cond:
-            attempt.finished = True
-
     def reset(self) -> None:
         """In a forked child: a lock and a thread of its own (the parent's may be held)."""
-        self._cond = threading.Condition()
-        self._heap = []
+        self._cond = threading.Condition(threading.Lock())
+        self._lines = {}
         self._pid = 0
         self._thread = None
 
-    def unwatch(self, sock: Any) -> None:
-        """``sock`` goes back to the pool: no attempt's cut may reach it any more."""
-        attempt: Attempt | None = getattr(_local, "attempt", None)
-        if attempt is None:
+    def watch(self, attempt: Attempt, seconds: float) -> None:
+        """Watch ``attempt``, ``seconds`` long, in the line of attempts of that length."""
+        line = self._lines.get(seconds)
+        if line is not None and self._running():
+            line.append(attempt)  # atomic; only the watchdog takes attempts out
+            if len(line) > 1:
+                return  # the watchdog wakes for an earlier deadline of this line first
+            # the line was empty, or the watchdog just emptied it: it may be asleep for a tick
+            with self._cond:
+                self._cond.notify()
             return
         with self._cond:
-            if sock in attempt.sockets:
-                attempt.sockets.remove(sock)
-
-    def watch(self, attempt: Attempt) -> None:
-        with self._cond:
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            if not self._running():
                 # first use, a forked child, or a thread that died: a thread of its own
-                if self._pid != os.getpid():
-                    self._heap.clear()
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
                     target=self._run, name="metrix-deadline", daemon=True
                 )
                 self._thread.start()
-            heapq.heappush(self._heap, (attempt.deadline, next(self._seq), attempt))
-            if self._heap[0][2] is attempt:
-                self._cond.notify()
+            self._lines.setdefault(seconds, collections.deque()).append(attempt)
+            self._cond.notify()
+
+    def _running(self) -> bool:
+        thread = self._thread
+        return self._pid == os.getpid() and thread is not None and thread.is_alive()
 
     def _run(self) -> None:
         pid = os.getpid()
         with self._cond:
             while self._pid == pid:
                 now = time.monotonic()
-                while self._heap and (self._heap[0][2].finished or self._heap[0][0] <= now):
-                    _, _, attempt = heapq.heappop(self._heap)
-                    if not attempt.finished:
-                        attempt.cut()
-                wait = self._heap[0][0] - now if self._heap else None
-                self._cond.wait(WATCHDOG_TICK_S if wait is None else min(wait, WATCHDOG_TICK_S))
+                soonest: float | None = None
+                for line in self._lines.values():
+                    while line:
+                        head = line[0]
+                        if head.finished or head.deadline <= now:
+                            line.popleft()
+                            if not head.finished:
+                                head.cut()
+                            continue
+                        if soonest is None or head.deadline < soonest:
+                            soonest = head.deadline
+                        break
+                wait = WATCHDOG_TICK_S if soonest is None else soonest - now
+                self._cond.wait(min(wait, WATCHDOG_TICK_S))
 
 
 _watchdog = _Watchdog()
@@ -130,25 +145,44 @@ _local = threading.local()
 os.register_at_fork(after_in_child=_watchdog.reset)
 
 
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[Attempt]:
-    """Run the block as one attempt that the watchdog cuts after ``seconds``."""
-    attempt = Attempt(time.monotonic() + seconds)
-    _watchdog.watch(attempt)
-    previous = getattr(_local, "attempt", None)
-    _local.attempt = attempt
-    try:
-        yield attempt
-    finally:
-        _watchdog.finish(attempt)
-        _local.attempt = previous
+class deadline:
+    """``with deadline(seconds) as attempt:`` runs the block as one attempt that the watchdog
+    cuts after ``seconds``."""
+
+    __slots__ = ("attempt", "previous", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.attempt = Attempt(time.monotonic() + seconds)
+        self.previous: Attempt | None = None
+
+    def __enter__(self) -> Attempt:
+        _watchdog.watch(self.attempt, self.seconds)
+        self.previous = getattr(_local, "attempt", None)
+        _local.attempt = self.attempt
+        return self.attempt
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        attempt = self.attempt
+        with attempt.lock:
+            attempt.finished = True  # its sockets are no longer cut
+        _local.attempt = self.previous
 
 
 def release_socket(sock: Any) -> None:
     """Take ``sock`` out of the current thread's attempt (called as its connection goes back to
     the pool, where another thread may take it before this attempt ends)."""
-    if sock is not None:
-        _watchdog.unwatch(sock)
+    attempt: Attempt | None = getattr(_local, "attempt", None)
+    if attempt is None or sock is None:
+        return
+    with attempt.lock:
+        if sock in attempt.sockets:
+            attempt.sockets.remove(sock)
 
 
 def watch_socket(sock: socket.socket | None) -> None:
@@ -158,6 +192,7 @@ def watch_socket(sock: socket.socket | None) -> None:
     attempt: Attempt | None = getattr(_local, "attempt", None)
     if attempt is None or sock is None:
         return
-    attempt.sockets.append(sock)
-    if attempt.expired:
-        _shutdown(sock)
+    with attempt.lock:
+        attempt.sockets.append(sock)
+        if attempt.expired:
+            _shutdown(sock)

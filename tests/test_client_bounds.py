@@ -158,3 +158,66 @@ def test_a_dev_key_that_is_no_header_value_stays_out_of_the_error(client: Metrix
     assert outcome.kind is Kind.CONFIG
     assert "SECRET" not in outcome.detail
     assert key_fingerprint(key) in outcome.detail
+
+
+def test_exchanges_at_once_are_each_cut_at_their_own_deadline() -> None:
+    # Given a server that trickles its status line (its status code would come after 3 s), and
+    # exchanges of two lengths running at once: eight of 1.5 s, and two of a longer client
+    # (2.5 s) that began first
+    with trickling_server(0.3) as url:
+        short = MetrixClient(url, connect_timeout_s=CONNECT_S, read_timeout_s=READ_S)
+        long = MetrixClient(url, connect_timeout_s=1.0, read_timeout_s=1.5)
+        times: dict[str, list[float]] = {"short": [], "long": []}
+
+        def send(name: str, client: MetrixClient) -> None:
+            elapsed, outcome = timed(client)
+            assert outcome.kind is Kind.RETRYABLE  # type: ignore[attr-defined]
+            times[name].append(elapsed)
+
+        threads = [threading.Thread(target=send, args=("long", long)) for _ in range(2)]
+        threads += [threading.Thread(target=send, args=("short", short)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.01)
+        for thread in threads:
+            thread.join(timeout=10)
+        short.close()
+        long.close()
+    # Then every short one ends at its 1.5 s although longer ones wait ahead of it, and the long
+    # ones at their 2.5 s
+    assert len(times["short"]) == 8
+    assert len(times["long"]) == 2
+    assert all(DEADLINE_S - 0.1 <= t <= DEADLINE_S + SLACK_S for t in times["short"])
+    assert all(2.5 - 0.1 <= t <= 2.5 + SLACK_S for t in times["long"])
+
+
+def test_a_kept_alive_connection_outlives_the_deadlines_of_the_exchanges_it_served(
+    client: MetrixClient, fake_metrix: FakeMetrix
+) -> None:
+    # Given exchanges that ended in time on one kept-alive connection
+    for _ in range(3):
+        assert client.send(APP_ID, DEV_KEY, make_event()).kind is Kind.DELIVERED
+    # When their deadlines pass while the connection waits in the pool
+    time.sleep(DEADLINE_S + 0.3)
+    # Then no late cut reached it: the next exchange is delivered on the same connection
+    assert client.send(APP_ID, DEV_KEY, make_event()).kind is Kind.DELIVERED
+    assert fake_metrix.connections == 1
+
+
+def test_an_exchange_begun_when_the_watchdog_had_nothing_to_watch_is_cut_in_time() -> None:
+    # Given a watchdog with nothing to watch for longer than a tick (it sleeps a whole tick),
+    # and a server that trickles its status line
+    with trickling_server(0.3) as url:
+        client = MetrixClient(url, connect_timeout_s=0.2, read_timeout_s=0.5)
+        timed(client)
+        elapsed: list[float] = []
+        for idle_s in (1.1, 1.4, 1.7):
+            time.sleep(idle_s)
+            # When an exchange begins that must end in 0.7 s
+            took, outcome = timed(client)
+            assert outcome.kind is Kind.RETRYABLE  # type: ignore[attr-defined]
+            elapsed.append(took)
+        client.close()
+    # Then the watchdog is woken for it: each cut comes at 0.7 s, not at the next tick (up to a
+    # second later)
+    assert all(0.6 <= took <= 0.9 for took in elapsed), elapsed
