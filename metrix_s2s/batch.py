@@ -89,40 +89,77 @@ class _Slots:
     claims an event only when a thread is free to send it, so no claimed event waits in a queue
     while its in-flight guard runs out. A batch takes threads a group at a time (``least``), so
     that its claims, and its finishes, go to Redis a group per call: taken one or two at a time
-    by many batches at once, every claim and every finish would be a round trip of its own."""
+    by many batches at once, every claim and every finish would be a round trip of its own.
+
+    Threads given back go first to the batches waiting for them, in turn, each woken only once
+    its group is handed to it: no batch wakes to find that another took the threads first."""
 
     def __init__(self, width: int) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._free = width
-        #: The ``least`` of each batch waiting in :meth:`wait`.
-        self._waiting: list[int] = []
+        self._waiting: list[_Waiter] = []
 
     def take(self, wanted: int, least: int = 1) -> int:
         """Up to ``wanted`` free threads, without waiting; none while fewer than ``least`` (at
         most ``wanted``) are free."""
-        with self._cond:
-            if self._free < min(least, wanted):
-                return 0
-            got = min(wanted, self._free)
-            self._free -= got
-            return got
+        with self._lock:
+            return self._take(wanted, least)
+
+    def _take(self, wanted: int, least: int) -> int:
+        if self._free < min(least, wanted):
+            return 0
+        got = min(wanted, self._free)
+        self._free -= got
+        return got
 
     def give(self, count: int = 1) -> None:
         if count:
-            with self._cond:
+            with self._lock:
                 self._free += count
-                # the waiting batches are woken once one of them can go on, not at every thread
-                if self._waiting and self._free >= min(self._waiting):
-                    self._cond.notify_all()
+                for waiter in list(self._waiting):  # in turn; one whose group does not fit waits
+                    got = self._take(waiter.wanted, waiter.least)
+                    if got:
+                        self._waiting.remove(waiter)
+                        waiter.got = got
+                        waiter.woken.release()
+                    if not self._free:
+                        break
 
-    def wait(self, timeout: float, least: int = 1) -> None:
-        """Until ``least`` threads are free, or ``timeout``."""
-        with self._cond:
-            self._waiting.append(least)
-            try:
-                self._cond.wait_for(lambda: self._free >= least, timeout)
-            finally:
-                self._waiting.remove(least)
+    def wait(self, timeout: float, wanted: int, least: int = 1) -> int:
+        """Up to ``wanted`` threads, waiting up to ``timeout`` for ``least`` of them (at most
+        ``wanted``); 0 when none came in time."""
+        with self._lock:
+            got = self._take(wanted, least)
+            if got:
+                return got
+            waiter = _Waiter(wanted, least)
+            self._waiting.append(waiter)
+        try:
+            waiter.woken.acquire(timeout=timeout)
+        except BaseException:  # interrupted (a time limit): threads handed meanwhile go back
+            with self._lock:
+                got = waiter.got
+                if not got:
+                    self._waiting.remove(waiter)
+            self.give(got)
+            raise
+        with self._lock:
+            if not waiter.got:  # not handed its threads (they may have come as the wait ended)
+                self._waiting.remove(waiter)
+            return waiter.got
+
+
+class _Waiter:
+    """A batch waiting in :meth:`_Slots.wait`: the threads it wants, and how many were handed."""
+
+    __slots__ = ("got", "least", "wanted", "woken")
+
+    def __init__(self, wanted: int, least: int) -> None:
+        self.wanted = wanted
+        self.least = least
+        self.got = 0
+        self.woken = threading.Lock()
+        self.woken.acquire()  # released when its threads are handed over
 
 
 class _Senders:
@@ -243,6 +280,8 @@ class _Batch:
                 wanted = min(self.width - self.in_flight, len(self.todo))
                 least = min(wanted, self.group)
                 free = slots.take(wanted, least)
+                if not free and not self.in_flight:  # nothing of ours to collect meanwhile
+                    free = slots.wait(SLOT_WAIT_S, wanted, least)
                 if free:
                     self.handed = 0
                     try:
@@ -251,8 +290,6 @@ class _Batch:
                         slots.give(free - self.handed)
                 elif self.in_flight:
                     self._collect(SLOT_WAIT_S)  # other batches hold the threads: ours first
-                else:
-                    slots.wait(SLOT_WAIT_S, least)
             elif self.in_flight:
                 # Until a send finishes, or until the app may be claimed from again.
                 self._collect(self.resume_at - now if can_claim and room else None)

@@ -362,3 +362,51 @@ def test_a_batch_running_when_another_width_starts_still_ends(
     assert not running.is_alive()
     assert results == [{"delivered": 100}]
     assert len(fake_metrix.requests) == 105
+
+
+def test_threads_given_back_go_to_the_waiting_batches_in_turn() -> None:
+    # Given a process's 16 sending threads all busy, and three batches waiting: the first for a
+    # group of 4 (up to 8), the second for 6, the third for 4
+    slots = batch_engine._Slots(16)
+    assert slots.take(16, 16) == 16
+    got: dict[str, int] = {}
+
+    def wait(name: str, wanted: int, least: int) -> None:
+        got[name] = slots.wait(10, wanted, least)
+
+    waiting = []
+    for name, wanted, least in (("first", 8, 4), ("second", 6, 6), ("third", 4, 4)):
+        thread = threading.Thread(target=wait, args=(name, wanted, least))
+        thread.start()
+        waiting.append(thread)
+        time.sleep(0.05)  # in this order
+    # When 4 threads are given back, one at a time
+    for _ in range(4):
+        slots.give()
+    # Then only the first batch wakes, with all 4 of them
+    waiting[0].join(timeout=5)
+    time.sleep(0.1)
+    assert got == {"first": 4}
+    # And 5 more go past the second batch (6 do not fit) to the third
+    slots.give(5)
+    waiting[2].join(timeout=5)
+    time.sleep(0.1)
+    assert got == {"first": 4, "third": 4}
+    # And the second batch has its 6 once enough are back
+    slots.give(5)
+    waiting[1].join(timeout=5)
+    assert got == {"first": 4, "third": 4, "second": 6}
+    # And once every thread is given back, all 16 are free: none was lost or counted twice
+    slots.give(2 + 4 + 4 + 6)
+    assert slots.take(32) == 16
+
+
+def test_a_batch_that_waited_in_vain_leaves_no_claim_on_the_threads() -> None:
+    # Given a batch that waited for threads until its timeout
+    slots = batch_engine._Slots(4)
+    assert slots.take(4) == 4
+    assert slots.wait(0.05, 4, 2) == 0
+    # When the threads come back
+    slots.give(4)
+    # Then they are all free: none went to the batch that stopped waiting
+    assert slots.take(4) == 4
