@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import requests
@@ -39,6 +39,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.response import BaseHTTPResponse
 
 from .deadline import Attempt, deadline, release_socket, watch_socket
 from .outcome import Kind, Outcome, classify_exception, classify_response, excerpt
@@ -106,7 +107,14 @@ class _WatchedHTTPSPool(_WatchedHTTPPool, HTTPSConnectionPool):
 
 
 class _WatchedAdapter(HTTPAdapter):
-    """``HTTPAdapter`` whose connections register their sockets with the attempt's deadline."""
+    """``HTTPAdapter`` whose connections register their sockets with the attempt's deadline.
+
+    It is the client's own (mounted on no session), and every request it sends is a POST to one
+    of a few URLs, so it keeps what ``HTTPAdapter.send`` would work out again for each: the
+    connection pool of each URL (with its TLS settings applied once) and the path. Its answer
+    is urllib3's response itself, which the client reads: a ``requests.Response`` would build a
+    cookie jar and a header dict per answer that no delivery reads. ``send``'s mapping of
+    urllib3's errors to ``requests``' is kept as it is."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
@@ -114,6 +122,41 @@ class _WatchedAdapter(HTTPAdapter):
             "http": _WatchedHTTPPool,
             "https": _WatchedHTTPSPool,
         }
+        self._pools: dict[str, HTTPConnectionPool] = {}
+        self._paths: dict[str, str] = {}
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> HTTPConnectionPool:
+        url = str(request.url)
+        pool = self._pools.get(url)
+        if pool is None or pool.pool is None:  # new, or closed (the pool manager let it go)
+            made = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            pool = cast(HTTPConnectionPool, made)
+            HTTPAdapter.cert_verify(self, pool, url, verify, cert)  # type: ignore[no-untyped-call]
+            self._pools[url] = pool
+        return pool
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Done once per pool, as it is made (above)."""
+
+    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
+        url = str(request.url)
+        path = self._paths.get(url)
+        if path is None:
+            path = self._paths[url] = super().request_url(request, proxies)
+        return path
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> Any:
+        return resp
+
+    def close(self) -> None:
+        super().close()
+        self._pools.clear()
 
 
 class _Transport:
@@ -122,9 +165,8 @@ class _Transport:
     def __init__(self, pool_size: int) -> None:
         # No transport-level retries: retrying is the task's job, with backoff and a budget.
         self.adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        # Only prepares each app's headers (as for any ``requests`` call); the adapter sends.
         self.session = session = requests.Session()
-        session.mount("https://", self.adapter)
-        session.mount("http://", self.adapter)
         session.headers.update(
             {
                 "User-Agent": USER_AGENT,
@@ -178,11 +220,6 @@ class MetrixClient:
                 transport = self._transport
         return transport
 
-    @property
-    def session(self) -> requests.Session:
-        """This process's session."""
-        return self._current().session
-
     def url_for(self, app_id: str) -> str:
         return f"{self.base_url}/inappevent/{quote(app_id, safe='')}"
 
@@ -219,9 +256,12 @@ class MetrixClient:
         status: int | None = None
         with deadline(self.deadline_s) as attempt:
             try:
-                response = transport.adapter.send(request, timeout=self.timeout, stream=True)
-                status = response.status_code
-                body = _read_excerpt(response)
+                # urllib3's response (see _WatchedAdapter), typed as the Response it stands for
+                answer: BaseHTTPResponse = transport.adapter.send(  # type: ignore[assignment]
+                    request, timeout=self.timeout, stream=True
+                )
+                status = answer.status
+                body = _read_excerpt(answer)
             except _TRANSPORT_ERRORS as exc:
                 if status is None:
                     return _failed(exc, attempt, self.deadline_s, dev_key, prepared.fingerprint)
@@ -229,21 +269,21 @@ class MetrixClient:
         outcome = classify_response(
             status,
             redact_key(body.decode("utf-8", "replace"), dev_key, prepared.fingerprint),
-            response.headers.get("Retry-After"),
+            answer.headers.get("Retry-After"),
         )
         return outcome
 
     def close(self) -> None:
         with self._lock:
             if self._transport is not None and self._transport.pid == os.getpid():
+                self._transport.adapter.close()
                 self._transport.session.close()
             self._transport = None
 
 
-def _read_excerpt(response: requests.Response) -> bytes:
+def _read_excerpt(raw: BaseHTTPResponse) -> bytes:
     """The first :data:`MAX_BODY_BYTES` of the answer. The connection goes back to the pool when
     that was the whole answer, and is closed otherwise (never drained)."""
-    raw = response.raw
     data = b""
     complete = False
     try:
@@ -258,7 +298,7 @@ def _read_excerpt(response: requests.Response) -> bytes:
         if complete:
             raw.release_conn()
         else:
-            response.close()  # more left, or cut short: drop the connection
+            raw.close()  # more left, or cut short: drop the connection
     return data[:MAX_BODY_BYTES]
 
 
