@@ -51,7 +51,7 @@ Variables (defaults in parentheses):
                              another worker (longest wait + hard time limit + 30); a smaller value
                              than the longest wait plus the hard time limit is refused
 ``METRIX_BULK_MAX``          most events in one ``send_metrix_events`` message (500)
-``METRIX_BULK_CONCURRENCY``  events of batches in flight at once per worker process (64)
+``METRIX_BULK_CONCURRENCY``  events of batches in flight at once per worker process (96)
 ``METRIX_LOG_FORMAT``        ``text`` (key=value) or ``json``: how delivery outcomes are logged
 ``METRIX_METRICS_PORT``      a worker serves Prometheus metrics at ``/metrics`` on this port (off)
 ``METRIX_METRICS_DIR``       prefork workers: where each worker keeps prometheus-client's
@@ -194,7 +194,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_dir: str = ""
     bulk_max: int = 500
-    bulk_concurrency: int = 64
+    bulk_concurrency: int = 96
     #: Whether metrix-s2s runs on its embedded Redis (no broker configured), and where it lives.
     embedded: bool = False
     data_dir: str = ""
