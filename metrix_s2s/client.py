@@ -190,7 +190,8 @@ class _Prepared:
 
     def __init__(self, url: str, headers: CaseInsensitiveDict[str], fingerprint: str) -> None:
         self.url = url
-        self.headers = headers
+        # a plain dict, as prepared (one spelling per name): each request copies it
+        self.headers = dict(headers.items())
         self.fingerprint = fingerprint
 
 
@@ -242,8 +243,11 @@ class MetrixClient:
         request = requests.PreparedRequest()
         request.method = "POST"
         request.url = prepared.url
-        request.headers = prepared.headers.copy()
-        request.headers["Content-Length"] = str(len(body))
+        # a dict where requests keeps a CaseInsensitiveDict: what the adapter and urllib3 do with
+        # headers (look up "Content-Length" as spelt here, iterate) needs no more, and it copies
+        # at a fraction of the cost
+        headers = {**prepared.headers, "Content-Length": str(len(body))}
+        request.headers = cast(CaseInsensitiveDict[str], headers)
         request.body = body
         return request
 
