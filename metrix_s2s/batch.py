@@ -128,25 +128,26 @@ class _Slots:
     def wait(self, timeout: float, wanted: int, least: int = 1) -> int:
         """Up to ``wanted`` threads, waiting up to ``timeout`` for ``least`` of them (at most
         ``wanted``); 0 when none came in time."""
-        with self._lock:
-            got = self._take(wanted, least)
-            if got:
-                return got
-            waiter = _Waiter(wanted, least)
-            self._waiting.append(waiter)
+        waiter = _Waiter(wanted, least)
+        got = 0
         try:
-            waiter.woken.acquire(timeout=timeout)
-        except BaseException:  # interrupted (a time limit): threads handed meanwhile go back
             with self._lock:
-                got = waiter.got
-                if not got:
-                    self._waiting.remove(waiter)
-            self.give(got)
-            raise
-        with self._lock:
-            if not waiter.got:  # not handed its threads (they may have come as the wait ended)
-                self._waiting.remove(waiter)
-            return waiter.got
+                got = self._take(wanted, least)
+                if got:
+                    return got
+                self._waiting.append(waiter)
+            waiter.woken.acquire(timeout=timeout)
+            with self._lock:
+                got = waiter.got  # threads may have come as the wait ended
+            return got
+        finally:
+            if not got:  # timed out, or interrupted (a time limit) anywhere above
+                with self._lock:
+                    if waiter in self._waiting:
+                        self._waiting.remove(waiter)
+                    handed = waiter.got  # handed, though its caller will not have them
+                    waiter.got = 0
+                self.give(handed)
 
 
 class _Waiter:

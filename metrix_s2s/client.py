@@ -304,8 +304,9 @@ def _read_excerpt(raw: BaseHTTPResponse) -> bytes:
     finally:
         if complete:
             raw.release_conn()
-        else:
-            raw.close()  # more left, or cut short: drop the connection
+        else:  # more left, or cut short: drop the connection (its place goes back to the pool)
+            raw.close()
+            raw.release_conn()
     return data[:MAX_BODY_BYTES]
 
 

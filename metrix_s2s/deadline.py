@@ -98,9 +98,13 @@ class _Watchdog:
         line = self._lines.get(seconds)
         if line is not None and self._running():
             line.append(attempt)  # atomic; only the watchdog takes attempts out
-            if len(line) > 1:
-                return  # the watchdog wakes for an earlier deadline of this line first
-            # the line was empty, or the watchdog just emptied it: it may be asleep for a tick
+            if line and line[0] is not attempt:
+                # the watchdog wakes for the earlier deadline at the head of this line first,
+                # and finds this one behind it as it takes that one out
+                return
+            # first in line: the line was empty (or the watchdog just emptied it), so it may be
+            # asleep for a tick; a check of the length instead would miss the first of two
+            # attempts that joined an empty line at once
             with self._cond:
                 self._cond.notify()
             return

@@ -885,7 +885,10 @@ def requests_loop_main(n: int, threads: int, how: str) -> int:
     events = [make_event(i, run) for i in range(n)]
     shares = [events[i::threads] for i in range(threads)]
     errors: list[BaseException] = []
-    post: Callable[[dict[str, Any]], Any] = functools.partial(post_event, APP_ID)
+    # a pool as wide as the threads: with fewer connections, urllib3 would drop one per POST
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(pool_maxsize=threads))
+    post: Callable[[dict[str, Any]], Any] = functools.partial(post_event, APP_ID, session=session)
     if how == "client":
         from metrix_s2s.client import MetrixClient
 

@@ -410,3 +410,55 @@ def test_a_batch_that_waited_in_vain_leaves_no_claim_on_the_threads() -> None:
     slots.give(4)
     # Then they are all free: none went to the batch that stopped waiting
     assert slots.take(4) == 4
+
+
+def test_a_batch_interrupted_while_it_waits_leaves_no_claim_on_the_threads() -> None:
+    # Given a batch waiting for threads that is interrupted (a time limit) as they are handed
+    slots = batch_engine._Slots(4)
+    assert slots.take(4) == 4
+
+    class Interrupted(Exception):
+        pass
+
+    class Interrupting:
+        """A waiter's lock whose wait ends in an exception once threads were handed."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.lock.acquire()
+
+        def acquire(self, timeout: float = -1) -> bool:
+            self.lock.acquire(timeout=timeout)
+            raise Interrupted
+
+        def release(self) -> None:
+            self.lock.release()
+
+    real_waiter = batch_engine._Waiter
+
+    def waiter(wanted: int, least: int) -> Any:
+        made = real_waiter(wanted, least)
+        made.woken = Interrupting()  # type: ignore[assignment]
+        return made
+
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            slots.wait(5, 4, 2)
+        except Interrupted as exc:
+            errors.append(exc)
+
+    batch_engine._Waiter = waiter  # type: ignore[misc,assignment]
+    try:
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.05)
+        # When the threads come back and go to it
+        slots.give(4)
+        thread.join(timeout=5)
+    finally:
+        batch_engine._Waiter = real_waiter  # type: ignore[misc]
+    # Then the interrupted batch gave them back: all are free again
+    assert len(errors) == 1
+    assert slots.take(4) == 4

@@ -4,6 +4,7 @@ server echoes brings the dev-key back."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import socket
@@ -11,12 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
 from conftest import APP_ID, DEV_KEY, ROOT, make_event
 from fake_metrix import FakeMetrix
 
+from metrix_s2s import deadline as deadline_module
 from metrix_s2s.client import MetrixClient
 from metrix_s2s.outcome import Kind
 from metrix_s2s.settings import key_fingerprint
@@ -221,3 +224,38 @@ def test_an_exchange_begun_when_the_watchdog_had_nothing_to_watch_is_cut_in_time
     # Then the watchdog is woken for it: each cut comes at 0.7 s, not at the next tick (up to a
     # second later)
     assert all(0.6 <= took <= 0.9 for took in elapsed), elapsed
+
+
+def test_two_attempts_that_join_an_empty_line_at_once_are_both_cut_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a watchdog asleep for a tick with an empty line, and a thread switch that falls
+    # between an attempt joining the line and its look at the line (made certain here by a
+    # pause after each append)
+    class Switching(collections.deque):  # type: ignore[type-arg]
+        def append(self, item: object) -> None:
+            super().append(item)
+            time.sleep(0.002)
+
+    monkeypatch.setattr(deadline_module, "collections", types.SimpleNamespace(deque=Switching))
+    seconds = 0.0573  # a length of its own: a new line, made of the deque above
+    with deadline_module.deadline(seconds):
+        pass
+    time.sleep(0.2)
+    late: dict[str, float] = {}
+
+    def attempt(name: str) -> None:
+        with deadline_module.deadline(seconds) as current:
+            while not current.expired and time.monotonic() < current.deadline + 2:
+                time.sleep(0.005)
+            late[name] = time.monotonic() - current.deadline
+
+    # When two attempts join it at once
+    threads = [threading.Thread(target=attempt, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+    # Then the watchdog was woken for them: both are cut at their deadline, not a tick later
+    assert set(late) == {"a", "b"}
+    assert all(seconds_late < 0.25 for seconds_late in late.values()), late
