@@ -1,6 +1,6 @@
 """The HTTP client against the real fake Metrix server: what goes on the wire, how answers and
 transport failures are classified, and connection reuse (one prepared request per call, handed to
-the session's adapter)."""
+the client's own adapter)."""
 
 from __future__ import annotations
 
