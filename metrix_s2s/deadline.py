@@ -16,7 +16,8 @@ A busy worker runs many exchanges at once, so the common path takes no lock that
 attempts of one length join a line of their own (a ``deque``: they end in the order they began,
 but for a thread switch between an attempt's start and its joining the line, which a cut may come
 late by), and each attempt has its own lock, which only its thread and the watchdog take. The
-watchdog's lock is taken only when a line was empty, to wake it.
+watchdog's lock is taken only by an attempt that finds itself first in its line (the line was
+empty: the watchdog may be asleep for a tick), to wake it.
 """
 
 from __future__ import annotations
