@@ -885,10 +885,7 @@ def requests_loop_main(n: int, threads: int, how: str) -> int:
     events = [make_event(i, run) for i in range(n)]
     shares = [events[i::threads] for i in range(threads)]
     errors: list[BaseException] = []
-    # a pool as wide as the threads: with fewer connections, urllib3 would drop one per POST
-    session = requests.Session()
-    session.mount("http://", HTTPAdapter(pool_maxsize=threads))
-    post: Callable[[dict[str, Any]], Any] = functools.partial(post_event, APP_ID, session=session)
+    post: Callable[[dict[str, Any]], Any]
     if how == "client":
         from metrix_s2s.client import MetrixClient
 
@@ -901,6 +898,11 @@ def requests_loop_main(n: int, threads: int, how: str) -> int:
             outcome = metrix.send(APP_ID, keys[APP_ID], event)
             if outcome.status != 200:
                 raise RuntimeError(f"answered {outcome.status}: {outcome.detail}")
+    else:
+        # a pool as wide as the threads: with fewer connections, urllib3 would drop one per POST
+        session = requests.Session()
+        session.mount("http://", HTTPAdapter(pool_maxsize=threads))
+        post = functools.partial(post_event, APP_ID, session=session)
 
     def send(share: list[dict[str, Any]]) -> None:
         try:
