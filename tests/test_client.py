@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import APP_ID, DEV_KEY, OTHER_APP, OTHER_KEY, make_event
 from fake_metrix import FakeMetrix
 
+from metrix_s2s import client as client_module
 from metrix_s2s.client import USER_AGENT, MetrixClient
 from metrix_s2s.outcome import Kind
 
@@ -141,3 +147,157 @@ def test_a_forked_child_opens_its_own_connections(
     assert os.waitstatus_to_exitcode(status) == 0
     assert client.send(APP_ID, DEV_KEY, make_event()).delivered
     assert fake_metrix.connections == 2
+
+
+# -- what one POST costs in system calls --------------------------------------------------------
+
+
+class SocketCalls:
+    """The socket calls that reach the system from the client's side of connections to one
+    server: each ``sendall`` and each ``settimeout`` on a socket whose peer is that server."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.sent: list[bytes] = []
+        self.timeouts: list[float | None] = []
+
+    def ours(self, sock: socket.socket) -> bool:
+        try:
+            return bool(sock.getpeername()[1] == self.port)
+        except OSError:  # not connected (yet, or any more)
+            return False
+
+
+@pytest.fixture
+def socket_calls(monkeypatch: pytest.MonkeyPatch) -> SocketCalls:
+    calls = SocketCalls()
+    real_settimeout = socket.socket.settimeout
+
+    def counted(real: Any) -> Any:
+        def sendall(sock: socket.socket, data: bytes, *args: object) -> None:
+            if calls.ours(sock):
+                calls.sent.append(bytes(data))
+            real(sock, data, *args)
+
+        return sendall
+
+    def settimeout(sock: socket.socket, value: float | None) -> None:
+        if calls.ours(sock):
+            calls.timeouts.append(value)
+        real_settimeout(sock, value)
+
+    monkeypatch.setattr(socket.socket, "sendall", counted(socket.socket.sendall))
+    monkeypatch.setattr(ssl.SSLSocket, "sendall", counted(ssl.SSLSocket.sendall))
+    monkeypatch.setattr(socket.socket, "settimeout", settimeout)
+    return calls
+
+
+def test_a_post_goes_out_in_one_send_and_a_kept_alive_socket_is_not_timed_again(
+    fake_metrix: FakeMetrix, socket_calls: SocketCalls
+) -> None:
+    # Given a client whose connect and read timeouts differ, with one connection
+    fake_metrix.reset()
+    socket_calls.port = urlsplit(fake_metrix.url).port or 0
+    client = MetrixClient(fake_metrix.url, connect_timeout_s=0.5, read_timeout_s=1, pool_size=1)
+    try:
+        # When it sends three events, one after another
+        events = [make_event() for _ in range(3)]
+        assert all(client.send(APP_ID, DEV_KEY, event).delivered for event in events)
+    finally:
+        client.close()
+    # Then each request went out in one send, headers and body together
+    assert len(socket_calls.sent) == 3
+    for data, event in zip(socket_calls.sent, events, strict=True):
+        assert data.startswith(b"POST /inappevent/")
+        assert data.endswith(b"\r\n\r\n" + json.dumps(event, separators=(",", ":")).encode())
+    assert [r.body for r in fake_metrix.requests] == events
+    # and the socket was timed once after connecting (to the read timeout), not twice per POST
+    assert fake_metrix.connections == 1
+    assert socket_calls.timeouts == [1]
+
+
+def test_a_kept_alive_connection_is_still_held_to_the_read_timeout(
+    fake_metrix: FakeMetrix,
+) -> None:
+    # Given a client (connect 0.5 s, read 1 s: a 1.5 s deadline) with a kept-alive connection
+    fake_metrix.reset()
+    client = MetrixClient(fake_metrix.url, connect_timeout_s=0.5, read_timeout_s=1, pool_size=1)
+    try:
+        assert client.send(APP_ID, DEV_KEY, make_event()).delivered
+        # When the next answer on that connection takes longer than the read timeout
+        fake_metrix.set_latency(1.4)
+        outcome = client.send(APP_ID, DEV_KEY, make_event())
+    finally:
+        fake_metrix.set_latency(0)
+        client.close()
+    # Then the read timeout ended it (not the deadline, later), and it may be retried
+    assert fake_metrix.connections == 1
+    assert outcome.kind is Kind.RETRYABLE
+    assert "ReadTimeout" in outcome.detail, outcome.detail
+    assert "deadline" not in outcome.detail
+
+
+TLS = Path(__file__).parent / "tls"
+
+
+@pytest.fixture
+def tls_server() -> Iterator[tuple[str, list[bytes]]]:
+    """An HTTPS server on 127.0.0.1 (the certificate in tests/tls) that answers every POST with
+    a 200, on kept-alive connections; yields its URL and the bodies it received."""
+    bodies: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS / "cert.pem", TLS / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_over_tls_a_post_goes_out_in_one_send_on_a_steady_socket(
+    tls_server: tuple[str, list[bytes]], socket_calls: SocketCalls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, bodies = tls_server
+    socket_calls.port = urlsplit(url).port or 0
+    # Given a client whose connections trust the test certificate (as they would Metrix's)
+    real_send = client_module._WatchedAdapter.send
+
+    def send(adapter: Any, request: Any, **kwargs: Any) -> Any:
+        return real_send(adapter, request, **{**kwargs, "verify": str(TLS / "cert.pem")})
+
+    monkeypatch.setattr(client_module._WatchedAdapter, "send", send)
+    client = MetrixClient(url, connect_timeout_s=0.5, read_timeout_s=1, pool_size=1)
+    try:
+        # When it sends three events over one TLS connection
+        events = [make_event() for _ in range(3)]
+        outcomes = [client.send(APP_ID, DEV_KEY, events[0])]
+        timed_while_connecting = len(socket_calls.timeouts)
+        outcomes += [client.send(APP_ID, DEV_KEY, event) for event in events[1:]]
+    finally:
+        client.close()
+    # Then all were delivered, each in one send on the TLS socket
+    assert [o.status for o in outcomes] == [200, 200, 200]
+    assert bodies == [json.dumps(e, separators=(",", ":")).encode() for e in events]
+    assert len(socket_calls.sent) == 3
+    # and once connected (the handshake times the socket too), it was not timed again
+    assert socket_calls.timeouts[-1] == 1
+    assert len(socket_calls.timeouts) == timed_while_connecting
