@@ -119,6 +119,12 @@ class Breaker:
                 self._probing = False
 
 
+#: Said first in the transaction that deletes published rows, on PostgreSQL: its commit does not
+#: wait for the write-ahead log to reach the disk. A crash may then undo that delete, and the
+#: relay publishes those rows again, which the ledger stops, as when a delete fails. The user's
+#: own transactions keep their durability (``LOCAL``: this transaction only).
+RELAXED_COMMIT_SQL = "SET LOCAL synchronous_commit TO OFF"
+
 #: The process's breaker, for every adapter and database.
 BREAKER = Breaker()
 

@@ -20,7 +20,7 @@ import redis
 from conftest import APP_ID, Database, Worker, make_event, worker_env
 from fake_metrix import FakeMetrix
 from projects import EVENT_TIME, INTEGRATIONS, Project, queued, run_web
-from sqlalchemy import MetaData, create_engine, insert
+from sqlalchemy import MetaData, create_engine, event, insert, text
 from sqlalchemy.orm import Session
 
 from metrix_s2s.contrib.sqlalchemy import Outbox
@@ -149,6 +149,38 @@ def test_with_the_broker_up_events_go_after_commit_and_a_rolled_back_savepoint_s
     engine.dispose()
 
 
+def test_the_delete_after_publishing_does_not_wait_for_the_disk_on_postgresql_alone(
+    producer: Any, redis_client: redis.Redis, database: Database
+) -> None:
+    # Given an engine of two connections (the session's, and one for the delete after its
+    # commit), whose statements and commits are recorded
+    metadata = MetaData()
+    box = Outbox(metadata)
+    engine = create_engine(database.sqlalchemy_url, pool_size=2, max_overflow=0)
+    metadata.create_all(engine)
+    said: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: said.append(a[2].split()[0]))
+    event.listen(engine, "commit", lambda conn: said.append("COMMIT"))
+    # When an event is written in a transaction that commits
+    with Session(engine) as session, session.begin():
+        event_id = box.send_metrix_event(session, APP_ID, make_event())
+    # Then it was published and its row deleted after the commit, in a transaction of its own
+    assert [m["headers"]["id"] for m in queued(redis_client)] == [event_id]
+    assert database.query("SELECT event_id FROM metrix_s2s_outbox") == []
+    written = said.index("INSERT")
+    assert said[written:] == (
+        ["INSERT", "COMMIT", "SET", "DELETE", "COMMIT"]
+        if database.engine == "postgresql"
+        else ["INSERT", "COMMIT", "DELETE", "COMMIT"]
+    )
+    # and the connections' later transactions are as durable as before (SET LOCAL ended)
+    if database.engine == "postgresql":
+        with engine.connect() as one, engine.connect() as other:
+            for conn in (one, other):
+                assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     "database", ["postgresql", "mysql"], ids=["postgresql", "mariadb"], indirect=True
 )
@@ -197,8 +229,6 @@ def test_two_relays_racing_never_publish_one_row_twice_and_share_the_rows(
 def test_on_mariadb_a_relay_waits_for_its_turn_and_leaves_the_rows_to_the_relay_that_has_it(
     producer: Any, redis_client: redis.Redis, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sqlalchemy import text
-
     from metrix_s2s import outbox
 
     # Given 5 rows, and another relay's session holding the database's turn

@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from ..outbox import (
     MAX_BATCHES_PER_RUN,
+    RELAXED_COMMIT_SQL,
     RELAY_BATCH_SIZE,
     RELAY_MIN_AGE_S,
     TABLE_NAME,
@@ -163,7 +164,11 @@ class Outbox:
         return event_ids
 
     def _delete(self, bind: Engine, event_ids: Sequence[str]) -> None:
+        """Delete the rows of published events, in a transaction of its own, which on PostgreSQL
+        does not wait for its log to reach the disk (:data:`..outbox.RELAXED_COMMIT_SQL`)."""
         with bind.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(RELAXED_COMMIT_SQL))
             conn.execute(delete(self.table).where(self.table.c.event_id.in_(list(event_ids))))
 
     def relay_once(

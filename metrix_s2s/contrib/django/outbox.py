@@ -12,6 +12,7 @@ from django.db.models import F
 
 from ...outbox import (
     MAX_BATCHES_PER_RUN,
+    RELAXED_COMMIT_SQL,
     RELAY_BATCH_SIZE,
     RELAY_MIN_AGE_S,
     TABLE_NAME,
@@ -37,7 +38,19 @@ def write(alias: str, app_id: str, event_ids: Sequence[str], events: Sequence[An
 
 
 def delete(alias: str, event_ids: Sequence[str]) -> None:
-    OutboxEvent.objects.using(alias).filter(event_id__in=list(event_ids)).delete()
+    """Delete the rows of published events: after the commit, in a transaction of its own,
+    which on PostgreSQL does not wait for its log to reach the disk
+    (:data:`~metrix_s2s.outbox.RELAXED_COMMIT_SQL`). Inside a caller's transaction, a part of
+    it with the caller's durability."""
+    connection = connections[alias]
+    rows = OutboxEvent.objects.using(alias).filter(event_id__in=list(event_ids))
+    if connection.in_atomic_block or connection.vendor != "postgresql":
+        rows.delete()
+        return
+    with transaction.atomic(using=alias):
+        with connection.cursor() as cursor:
+            cursor.execute(RELAXED_COMMIT_SQL)
+        rows.delete()
 
 
 def relay_once(
