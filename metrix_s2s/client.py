@@ -73,22 +73,17 @@ def redact_key(text: str, dev_key: str, fingerprint: str) -> str:
 
 
 class _SteadyTimeout:
-    """A socket whose timeout, once positive, is only ever raised.
+    """A socket whose ``settimeout`` to the timeout it already has makes no system call.
 
-    urllib3 sets a kept-alive connection's timeout twice per request: to the connect timeout
-    before sending, to the read timeout before the answer. Each ``settimeout`` is a system call
-    that lets go of the GIL, which under a pool of threads means waiting for it again. Here a
-    connection keeps the longer of the two once it has had it: a request on a kept-alive
-    connection is sent under the read timeout rather than the connect timeout, and the deadline
-    bounds the whole exchange either way. Blocking (None) and non-blocking (0) still apply."""
+    CPython makes one for every ``settimeout``, and it lets go of the GIL, which under a pool of
+    threads means waiting for it again. :class:`_Watched` keeps a kept-alive connection's socket
+    at the read timeout, so that urllib3's two ``settimeout`` per request change nothing."""
 
     __slots__ = ()
 
     def settimeout(self, value: float | None) -> None:
-        current = cast(socket.socket, self).gettimeout()
-        if value is not None and current is not None and 0 < value <= current:
-            return
-        super().settimeout(value)  # type: ignore[misc]
+        if value != cast(socket.socket, self).gettimeout():
+            super().settimeout(value)  # type: ignore[misc]
 
 
 class _Socket(_SteadyTimeout, socket.socket):
@@ -117,14 +112,21 @@ class _Watched(HTTPConnection):
     connected (before a TLS handshake, which the deadline covers too) and before each request (a
     kept-alive connection).
 
-    Each request goes out in one send, its headers with its body (http.client sends them apart),
-    and its socket keeps a steady timeout (:class:`_SteadyTimeout`): four system calls fewer per
+    Each request goes out in one send, its headers with its body (http.client sends them apart).
+    urllib3 sets the connection's timeout to the connect timeout before each request and to the
+    read timeout before its answer; once connected, a request here is sent under the read
+    timeout instead, so that the socket's timeout stays as it is (:class:`_SteadyTimeout`). A
+    connection being made still connects under the connect timeout, every answer is read under
+    the read timeout, and the deadline bounds the whole exchange. Four system calls fewer per
     POST on a kept-alive connection (a send and the poll before it, two ``settimeout``), each of
     which let go of the GIL."""
 
     #: While a request is being written: the header block, held to go out with the body.
     _held: bytes | None = None
     _holding: bool = False
+    #: The timeout the last answer on this connection was read under, once there was one.
+    _answered: bool = False
+    _read_timeout: float | None = None
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
@@ -139,6 +141,8 @@ class _Watched(HTTPConnection):
 
     def request(self, method: str, url: str, body: Any = None, *args: Any, **kwargs: Any) -> None:
         watch_socket(self.sock)
+        if self._answered and self.sock is not None:  # connected: no connect timeout to apply
+            self.timeout = self._read_timeout
         if not isinstance(body, bytes) or not body:
             super().request(method, url, body, *args, **kwargs)
             return
@@ -150,6 +154,10 @@ class _Watched(HTTPConnection):
             held, self._held = self._held, None
         if held is not None:  # no body was sent after all: the headers go alone
             super().send(held)
+
+    def getresponse(self) -> Any:
+        self._answered, self._read_timeout = True, self.timeout
+        return super().getresponse()
 
     def send(self, data: Any) -> None:
         if self._holding:

@@ -216,16 +216,25 @@ def test_a_post_goes_out_in_one_send_and_a_kept_alive_socket_is_not_timed_again(
     assert socket_calls.timeouts == [1]
 
 
+@pytest.mark.parametrize(
+    ("connect_s", "read_s", "answer_s"),
+    [(0.5, 1.0, 1.4), (1.0, 0.5, 0.8)],
+    ids=["read-timeout-longer", "connect-timeout-longer"],
+)
 def test_a_kept_alive_connection_is_still_held_to_the_read_timeout(
-    fake_metrix: FakeMetrix,
+    fake_metrix: FakeMetrix, connect_s: float, read_s: float, answer_s: float
 ) -> None:
-    # Given a client (connect 0.5 s, read 1 s: a 1.5 s deadline) with a kept-alive connection
+    # Given a client (a deadline of connect + read: 1.5 s) with a kept-alive connection
     fake_metrix.reset()
-    client = MetrixClient(fake_metrix.url, connect_timeout_s=0.5, read_timeout_s=1, pool_size=1)
+    client = MetrixClient(
+        fake_metrix.url, connect_timeout_s=connect_s, read_timeout_s=read_s, pool_size=1
+    )
     try:
         assert client.send(APP_ID, DEV_KEY, make_event()).delivered
-        # When the next answer on that connection takes longer than the read timeout
-        fake_metrix.set_latency(1.4)
+        assert client.send(APP_ID, DEV_KEY, make_event()).delivered
+        # When the next answer on that connection takes longer than the read timeout (but less
+        # than the connect timeout, in the second case, and less than the deadline)
+        fake_metrix.set_latency(answer_s)
         outcome = client.send(APP_ID, DEV_KEY, make_event())
     finally:
         fake_metrix.set_latency(0)
