@@ -159,7 +159,16 @@ def test_the_delete_after_publishing_does_not_wait_for_the_disk_on_postgresql_al
     engine = create_engine(database.sqlalchemy_url, pool_size=2, max_overflow=0)
     metadata.create_all(engine)
     said: list[str] = []
-    event.listen(engine, "before_cursor_execute", lambda *a: said.append(a[2].split()[0]))
+    durability: dict[str, str] = {}  # on PostgreSQL: the setting in force as each statement ran
+
+    def executing(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        verb = statement.split(maxsplit=1)[0]
+        said.append(verb)
+        if database.engine == "postgresql" and verb in ("INSERT", "DELETE"):
+            probe = cursor.connection.execute("SHOW synchronous_commit")  # the raw connection
+            durability[verb] = probe.fetchone()[0]
+
+    event.listen(engine, "before_cursor_execute", executing)
     event.listen(engine, "commit", lambda conn: said.append("COMMIT"))
     # When an event is written in a transaction that commits
     with Session(engine) as session, session.begin():
@@ -173,8 +182,10 @@ def test_the_delete_after_publishing_does_not_wait_for_the_disk_on_postgresql_al
         if database.engine == "postgresql"
         else ["INSERT", "COMMIT", "DELETE", "COMMIT"]
     )
-    # and the connections' later transactions are as durable as before (SET LOCAL ended)
+    # and on PostgreSQL only the delete's transaction was relaxed, not the caller's; and the
+    # connections' later transactions are as durable as before (SET LOCAL ended with it)
     if database.engine == "postgresql":
+        assert durability == {"INSERT": "on", "DELETE": "off"}
         with engine.connect() as one, engine.connect() as other:
             for conn in (one, other):
                 assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"

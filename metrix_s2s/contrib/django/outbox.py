@@ -40,11 +40,12 @@ def write(alias: str, app_id: str, event_ids: Sequence[str], events: Sequence[An
 def delete(alias: str, event_ids: Sequence[str]) -> None:
     """Delete the rows of published events: after the commit, in a transaction of its own,
     which on PostgreSQL does not wait for its log to reach the disk
-    (:data:`~metrix_s2s.outbox.RELAXED_COMMIT_SQL`). Inside a caller's transaction, a part of
-    it with the caller's durability."""
+    (:data:`~metrix_s2s.outbox.RELAXED_COMMIT_SQL`). Inside a caller's transaction (an atomic
+    block, or autocommit turned off), a part of it with the caller's durability."""
     connection = connections[alias]
     rows = OutboxEvent.objects.using(alias).filter(event_id__in=list(event_ids))
-    if connection.in_atomic_block or connection.vendor != "postgresql":
+    own = not connection.in_atomic_block and connection.get_autocommit()
+    if not own or connection.vendor != "postgresql":
         rows.delete()
         return
     with transaction.atomic(using=alias):
