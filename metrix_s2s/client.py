@@ -121,9 +121,9 @@ class _Watched(HTTPConnection):
     POST on a kept-alive connection (a send and the poll before it, two ``settimeout``), each of
     which let go of the GIL."""
 
-    #: While a request is being written: the header block, held to go out with the body.
+    #: While a request with a body is being written: the header block, held to go out with the
+    #: body (``b""`` until http.client hands it over); None otherwise.
     _held: bytes | None = None
-    _holding: bool = False
     #: The timeout the last answer on this connection was read under, once there was one.
     _answered: bool = False
     _read_timeout: float | None = None
@@ -146,13 +146,12 @@ class _Watched(HTTPConnection):
         if not isinstance(body, bytes) or not body:
             super().request(method, url, body, *args, **kwargs)
             return
-        self._holding = True
+        self._held = b""
         try:
             super().request(method, url, body, *args, **kwargs)
         finally:
-            self._holding = False
             held, self._held = self._held, None
-        if held is not None:  # no body was sent after all: the headers go alone
+        if held:  # no body was sent after all: the headers go alone
             super().send(held)
 
     def getresponse(self) -> Any:
@@ -160,11 +159,12 @@ class _Watched(HTTPConnection):
         return super().getresponse()
 
     def send(self, data: Any) -> None:
-        if self._holding:
-            if self._held is None:  # the header block (http.client's _send_output)
+        held = self._held
+        if held is not None:
+            if not held:  # the header block (http.client's _send_output)
                 self._held = data
                 return
-            data, self._held, self._holding = self._held + data, None, False
+            data, self._held = held + data, None
         super().send(data)
 
 
