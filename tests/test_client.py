@@ -4,6 +4,9 @@ the client's own adapter)."""
 
 from __future__ import annotations
 
+import email.parser
+import http.client
+import io
 import json
 import os
 import socket
@@ -310,3 +313,143 @@ def test_over_tls_a_post_goes_out_in_one_send_on_a_steady_socket(
     # and once connected (the handshake times the socket too), it was not timed again
     assert socket_calls.timeouts[-1] == 1
     assert len(socket_calls.timeouts) == timed_while_connecting
+
+
+# -- an answer's header lines -----------------------------------------------------------------
+
+
+def _lines(block: bytes) -> list[bytes]:
+    """A header block's lines as http.client reads them off the socket, the blank line last (or
+    ``b""`` where the connection ended first)."""
+    lines: list[bytes] = http.client._read_headers(io.BytesIO(block))  # type: ignore[attr-defined]
+    return lines
+
+
+def _by_email(lines: list[bytes]) -> http.client.HTTPMessage:
+    """What http.client makes of the lines: the ``email`` package's parser."""
+    text = b"".join(lines).decode("iso-8859-1")
+    return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(text)
+
+
+def _state(message: Any) -> dict[str, Any]:
+    """A message's whole state, its parts' and defects' compared by what they hold."""
+    state = dict(vars(message))
+    state["defects"] = [type(defect) for defect in message.defects]
+    if isinstance(message._payload, list):
+        state["_payload"] = [_state(part) for part in message._payload]
+    return state
+
+
+PLAIN_BLOCKS = {
+    "typical": b"Server: metrix\r\nDate: Wed, 02 Dec 2026 01:20:00 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 16\r\nConnection: keep-alive\r\n\r\n",
+    "no headers": b"\r\n",
+    "repeated, spaced and tabbed": b"Set-Cookie: a=1\r\nset-cookie:b=2\r\nX-Odd:\t \t v  \r\n"
+    b"Retry-After:   7\r\nX-Empty:\r\n\r\n",
+    "names with symbols": b"X-A_b.c~!#$%&'*+^`|: 1\r\nContent-Type: Multipartish/x\r\n\r\n",
+}
+OTHER_BLOCKS = {
+    "a folded line": b"Retry-After:\r\n 7\r\nContent-Length: 0\r\n\r\n",
+    "a line without a colon": b"Content-Length: 0\r\nnonsense\r\nX-After: 1\r\n\r\n",
+    "an empty name": b": nameless\r\nContent-Length: 0\r\n\r\n",
+    "a space before the colon": b"Content-Length : 0\r\n\r\n",
+    "bare line feeds": b"Content-Length: 0\nX-A: 1\n\n",
+    "a carriage return inside": b"X-A: 1\r2\r\n\r\n",
+    "a non-ASCII value": "X-A: caf\u00e9\r\n\r\n".encode("latin-1"),
+    "a next-line byte": b"X-A: 1\x852\r\n\r\n",
+    "a vertical tab": b"X-A: 1\x0b2\r\n\r\n",
+    "a mbox From line": b"From nobody\r\nX-A: 1\r\n\r\n",
+    "a multipart type": b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n',
+    "a message type": b"Content-Type:  Message/rfc822\r\n\r\n",
+    "no blank line (the connection ended)": b"Content-Length: 0\r\n",
+}
+
+
+@pytest.mark.parametrize(
+    "block", [*PLAIN_BLOCKS.values(), *OTHER_BLOCKS.values()], ids=[*PLAIN_BLOCKS, *OTHER_BLOCKS]
+)
+def test_header_lines_make_the_message_the_email_parser_makes(block: bytes) -> None:
+    lines = _lines(block)
+    assert _state(client_module.parse_header_lines(lines)) == _state(_by_email(lines))
+
+
+def test_plain_header_lines_are_read_without_the_email_parser_and_others_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[str] = []
+    real = email.parser.Parser.parsestr
+
+    def parsestr(parser: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
+        parsed.append(text)
+        return real(parser, text, headersonly)
+
+    monkeypatch.setattr(email.parser.Parser, "parsestr", parsestr)
+    for block in PLAIN_BLOCKS.values():
+        client_module.parse_header_lines(_lines(block))
+    assert parsed == []
+    for block in OTHER_BLOCKS.values():
+        client_module.parse_header_lines(_lines(block))
+    assert len(parsed) == len(OTHER_BLOCKS)
+
+
+def test_a_post_reads_its_answer_without_the_email_parser(
+    client: MetrixClient, fake_metrix: FakeMetrix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the email package's parser watched in this thread (the fake server's threads parse
+    # the requests with it)
+    here, parsed = threading.get_ident(), []
+    real = email.parser.Parser.parsestr
+
+    def parsestr(parser: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
+        if threading.get_ident() == here:
+            parsed.append(text)
+        return real(parser, text, headersonly)
+
+    monkeypatch.setattr(email.parser.Parser, "parsestr", parsestr)
+    # When events are sent, one of them answered 429 with a Retry-After
+    accepted = client.send(APP_ID, DEV_KEY, make_event())
+    fake_metrix.inject(429, retry_after="7")
+    limited = client.send(APP_ID, DEV_KEY, make_event())
+    # Then each answer was read and classified from its headers, without that parser
+    assert (accepted.status, accepted.kind) == (200, Kind.DELIVERED)
+    assert (limited.status, limited.retry_after_s) == (429, 7)
+    assert parsed == []
+
+
+def test_an_answer_with_a_folded_header_is_read_by_the_email_parser() -> None:
+    # Given a server whose answer folds its Retry-After over two lines
+    answer = b"HTTP/1.1 503 Busy\r\nRetry-After:\r\n 9\r\nContent-Length: 4\r\n\r\nbusy"
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = MetrixClient(
+        f"http://127.0.0.1:{listener.getsockname()[1]}", connect_timeout_s=1, read_timeout_s=1
+    )
+    try:
+        # When an event is sent there
+        outcome = client.send(APP_ID, DEV_KEY, make_event())
+    finally:
+        client.close()
+        thread.join(timeout=5)
+        listener.close()
+    # Then the answer counts as the email parser reads it: retryable, after 9 seconds
+    assert (outcome.status, outcome.kind, outcome.retry_after_s) == (503, Kind.RETRYABLE, 9)
+    assert outcome.excerpt == "busy"
+
+
+def test_a_python_whose_begin_reads_headers_otherwise_keeps_its_own() -> None:
+    def begin(response: http.client.HTTPResponse) -> None:
+        response.headers = response.msg = http.client.HTTPMessage()
+
+    assert client_module._begin_with_lean_headers(begin) is begin
+    lean = client_module._begin_with_lean_headers(http.client.HTTPResponse.begin)
+    assert lean is not http.client.HTTPResponse.begin
+    assert lean.__code__ is http.client.HTTPResponse.begin.__code__
+    assert lean.__globals__["parse_headers"] is client_module._parse_headers
