@@ -155,6 +155,31 @@ def test_with_the_broker_up_the_event_is_published_after_commit_and_its_row_dele
     assert redis_client.hexists("metrix:pending:msg", message["headers"]["id"])
 
 
+@pytest.mark.parametrize("database", ["postgresql"], ids=["postgresql"], indirect=True)
+def test_on_postgresql_only_the_delete_after_the_commit_skips_the_wait_for_the_disk(
+    down: Project, up: Project, database: Database
+) -> None:
+    # Given a purchase committed while the broker was down: its row is left to the relay
+    out, _ = run_web(down, "django_client.py", purchase("early"))
+    assert len(out["outbox"]) == 1
+    # When, with the broker up, a purchase commits, then the relay runs
+    out, _ = run_web(up, "django_client.py", purchase("buyer"), {"relay": True})
+    assert out["outbox"] == []
+    # Then the purchase's rows were written with the user's durability, in its transaction
+    writes = [(w["sql"], w["atomic"], w["synchronous_commit"]) for w in out["writes"]]
+    assert writes[:2] == [
+        ("INSERT shop_order", True, "on"),
+        ("INSERT metrix_s2s_outbox", True, "on"),
+    ]
+    # and its row deleted after the commit, in a transaction of its own that does not wait for
+    # the disk; the relay deleted the row it published inside its batch's transaction, as durably
+    # as that transaction
+    assert writes[2:] == [
+        ("DELETE metrix_s2s_outbox", True, "off"),
+        ("DELETE metrix_s2s_outbox", True, "on"),
+    ]
+
+
 def fill_outbox(project: Project, database: Database, count: int, user: str = "buyer") -> list[str]:
     """``count`` committed purchases, in one transaction, while the broker is down: their rows."""
     request = {"view": "purchases/on-commit", "event": {**purchase(user)["event"], "count": count}}
