@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import email.parser
 import http.client
+import inspect
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import ssl
 import threading
 import types
 from collections.abc import Callable, Mapping
+from email.policy import compat32
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -120,19 +122,17 @@ _PLAIN_FIELD = re.compile(rb"([!-9;-~]+):[ \t]*([\t -~]*)\r\n")
 _PARTS = ("multipart/", "message/")
 
 
-def parse_header_lines(
-    lines: list[bytes], message_class: type[http.client.HTTPMessage] = http.client.HTTPMessage
-) -> http.client.HTTPMessage:
+def parse_header_lines(lines: list[bytes]) -> http.client.HTTPMessage:
     """An answer's header lines (as ``http.client`` reads them, the blank line last) as the
     ``HTTPMessage`` that ``http.client.parse_headers`` would make of them.
 
     http.client hands them to the ``email`` package's parser, about 20 us a POST (a fifth of the
     bulk path's GIL time in a profile). Lines that are all plain (above) are taken here, five
-    times faster, into the same message; anything else (a folded line, a line without a colon,
-    control or non-ASCII bytes, bare line feeds, a multipart type) goes to that parser as
-    before."""
+    times faster, into the same message. Anything else goes to that parser as before: a folded
+    line, a line without a colon, control or non-ASCII bytes, bare line feeds, a ``multipart/``
+    or ``message/`` type, headers the connection ended in."""
     if lines and lines[-1] == b"\r\n":
-        message = message_class()
+        message = http.client.HTTPMessage(policy=compat32)  # as the parser makes it
         fields = message._headers  # type: ignore[attr-defined]  # what set_raw appends to
         plain = _PLAIN_FIELD.fullmatch
         for line in lines[:-1]:
@@ -143,31 +143,61 @@ def parse_header_lines(
             fields.append((name.decode("latin-1"), value.decode("latin-1")))
         else:
             kind = message.get("content-type")
-            if kind is None or not kind.lstrip().lower().startswith(_PARTS):
+            if kind is None or not kind.lower().startswith(_PARTS):
                 message.set_payload("")
                 return message
     text = b"".join(lines).decode("iso-8859-1")
-    return email.parser.Parser(_class=message_class).parsestr(text)
+    return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(text)
+
+
+_STOCK_PARSE_HEADERS = http.client.parse_headers
 
 
 def _parse_headers(
     fp: Any, _class: type[http.client.HTTPMessage] = http.client.HTTPMessage
 ) -> http.client.HTTPMessage:
-    """``http.client.parse_headers``, with the lines parsed by :func:`parse_header_lines`."""
-    return parse_header_lines(http.client._read_headers(fp), _class)  # type: ignore[attr-defined]
+    """``http.client.parse_headers``, the lines parsed by :func:`parse_header_lines` (or by
+    whatever replaced ``parse_headers`` since, or for another message class)."""
+    if (
+        http.client.parse_headers is not _STOCK_PARSE_HEADERS
+        or _class is not http.client.HTTPMessage
+    ):
+        return http.client.parse_headers(fp, _class)
+    return parse_header_lines(http.client._read_headers(fp))  # type: ignore[attr-defined]
+
+
+def _parameters(function: Any) -> list[str] | None:
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
 
 
 def _begin_with_lean_headers(
     begin: Callable[[http.client.HTTPResponse], None],
 ) -> Callable[[http.client.HTTPResponse], None]:
     """``begin`` (``HTTPResponse.begin`` of the running Python) calling :func:`_parse_headers`
-    where it calls ``parse_headers``: the same code, its module's names with that one replaced
-    (no copy of it to fall behind a new Python). A ``begin`` that does not read headers that way
-    is kept."""
+    where it calls ``parse_headers``: its own code, run with a copy of http.client's names made
+    here, that one replaced. So the code is the running Python's, never a copy to fall behind;
+    the names it looks up itself are http.client's as they were at this import, except
+    ``parse_headers``, which is looked up on each call (:func:`_parse_headers`).
+
+    Kept as it is, unless it is plainly http.client's own and reads headers just so: its
+    module's function, no closure, no defaults of its own, http.client's own
+    ``parse_headers(fp, _class)`` (not a wrapper put there before this import) and
+    ``_read_headers(fp)`` as this module calls them (so on Python 3.11 to 3.13; a Python whose
+    ``begin`` passes ``parse_headers`` more, or takes arguments, keeps its own)."""
     code = begin.__code__
-    if "parse_headers" not in code.co_names or begin.__closure__ or begin.__defaults__:
-        return begin
-    if not hasattr(http.client, "_read_headers"):
+    if (
+        getattr(begin, "__globals__", None) is not vars(http.client)
+        or "parse_headers" not in code.co_names
+        or begin.__closure__
+        or begin.__defaults__
+        or begin.__kwdefaults__
+        or getattr(_STOCK_PARSE_HEADERS, "__globals__", None) is not vars(http.client)
+        or _parameters(_STOCK_PARSE_HEADERS) != ["fp", "_class"]
+        or _parameters(getattr(http.client, "_read_headers", None)) != ["fp"]
+    ):
         return begin
     names = {**vars(http.client), "parse_headers": _parse_headers}
     return cast(Callable[[http.client.HTTPResponse], None], types.FunctionType(code, names))

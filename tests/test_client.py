@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import threading
+import types
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import APP_ID, DEV_KEY, OTHER_APP, OTHER_KEY, make_event
 from fake_metrix import FakeMetrix
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metrix_s2s import client as client_module
 from metrix_s2s.client import USER_AGENT, MetrixClient
@@ -416,40 +419,145 @@ def test_a_post_reads_its_answer_without_the_email_parser(
     assert parsed == []
 
 
-def test_an_answer_with_a_folded_header_is_read_by_the_email_parser() -> None:
-    # Given a server whose answer folds its Retry-After over two lines
-    answer = b"HTTP/1.1 503 Busy\r\nRetry-After:\r\n 9\r\nContent-Length: 4\r\n\r\nbusy"
-    listener = socket.create_server(("127.0.0.1", 0))
+class _Canned:
+    """A server on 127.0.0.1 that answers one request on one connection with ``answer``, bytes
+    as given."""
 
-    def serve() -> None:
-        conn, _ = listener.accept()
+    def __init__(self, answer: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.answer = answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(answer)
+            conn.sendall(self.answer)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    client = MetrixClient(
-        f"http://127.0.0.1:{listener.getsockname()[1]}", connect_timeout_s=1, read_timeout_s=1
-    )
-    try:
-        # When an event is sent there
-        outcome = client.send(APP_ID, DEV_KEY, make_event())
-    finally:
-        client.close()
-        thread.join(timeout=5)
-        listener.close()
-    # Then the answer counts as the email parser reads it: retryable, after 9 seconds
+    def send(self) -> Any:
+        client = MetrixClient(self.url, connect_timeout_s=1, read_timeout_s=1)
+        try:
+            return client.send(APP_ID, DEV_KEY, make_event())
+        finally:
+            client.close()
+            self.thread.join(timeout=5)
+            self.listener.close()
+
+
+def test_an_answer_with_a_folded_header_is_read_by_the_email_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a server whose answer folds its Retry-After over two lines, and the email parser's
+    # calls counted
+    server = _Canned(b"HTTP/1.1 503 Busy\r\nRetry-After:\r\n 9\r\nContent-Length: 4\r\n\r\nbusy")
+    parsed: list[str] = []
+    real = email.parser.Parser.parsestr
+
+    def parsestr(parser: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
+        parsed.append(text)
+        return real(parser, text, headersonly)
+
+    monkeypatch.setattr(email.parser.Parser, "parsestr", parsestr)
+    # When an event is sent there
+    outcome = server.send()
+    # Then the email parser read the answer's headers: retryable, after 9 seconds
     assert (outcome.status, outcome.kind, outcome.retry_after_s) == (503, Kind.RETRYABLE, 9)
     assert outcome.excerpt == "busy"
+    assert len(parsed) == 1
+    assert "Retry-After" in parsed[0]
 
 
-def test_a_python_whose_begin_reads_headers_otherwise_keeps_its_own() -> None:
-    def begin(response: http.client.HTTPResponse) -> None:
-        response.headers = response.msg = http.client.HTTPMessage()
+def test_an_interim_100_answer_is_skipped_before_the_real_one() -> None:
+    server = _Canned(
+        b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    outcome = server.send()
+    assert (outcome.status, outcome.kind, outcome.excerpt) == (200, Kind.DELIVERED, "ok")
 
-    assert client_module._begin_with_lean_headers(begin) is begin
-    lean = client_module._begin_with_lean_headers(http.client.HTTPResponse.begin)
-    assert lean is not http.client.HTTPResponse.begin
-    assert lean.__code__ is http.client.HTTPResponse.begin.__code__
-    assert lean.__globals__["parse_headers"] is client_module._parse_headers
+
+_ODD_BYTES = b"aZ9-:; \t\r\n\x00\x0b\x7f\x85\xe9(@"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    b"Content-Length: 2",
+                    b"content-type:  MULTIPART/x",
+                    b"Content-Type: message/x",
+                    b"Content-Type: text/plain",
+                    b"X-A:",
+                    b"From x",
+                    b" folded",
+                    b"\tfolded",
+                ]
+            ),
+            st.binary(max_size=12).map(lambda b: bytes(_ODD_BYTES[i % len(_ODD_BYTES)] for i in b)),
+        ),
+        max_size=6,
+    ),
+    st.sampled_from([b"\r\n", b"\n", b""]),
+)
+def test_any_header_lines_make_the_message_the_email_parser_makes(
+    fields: list[bytes], end: bytes
+) -> None:
+    block = b"".join(field + b"\r\n" for field in fields) + end
+    lines = _lines(block)
+    assert _state(client_module.parse_header_lines(lines)) == _state(_by_email(lines))
+
+
+def _begin_like(source: str) -> Any:
+    """The function ``source`` defines, as if it were defined in http.client."""
+    consts = compile(source, "<begin>", "exec").co_consts
+    code = next(c for c in consts if isinstance(c, types.CodeType))
+    return types.FunctionType(code, vars(http.client))
+
+
+def test_only_http_clients_own_begin_reading_headers_just_so_is_given_the_lean_parse() -> None:
+    lean = client_module._begin_with_lean_headers
+    # http.client's begin is run with the lean parse, its own code
+    begin = lean(http.client.HTTPResponse.begin)
+    assert begin is not http.client.HTTPResponse.begin
+    assert begin.__code__ is http.client.HTTPResponse.begin.__code__
+    assert begin.__globals__["parse_headers"] is client_module._parse_headers
+    # as is a function of that module that calls parse_headers(fp) and nothing more
+    plain = _begin_like("def begin(self):\n    self.headers = parse_headers(self.fp)\n")
+    assert lean(plain) is not plain
+    # Kept as they are: a begin that reads headers otherwise, one defined elsewhere, one with
+    # a closure, and one that takes arguments (as a later Python's may)
+    otherwise = _begin_like("def begin(self):\n    self.headers = HTTPMessage()\n")
+    elsewhere = types.FunctionType(plain.__code__, {"parse_headers": http.client.parse_headers})
+    assert lean(otherwise) is otherwise
+    assert lean(elsewhere) is elsewhere
+
+    def closed(response: http.client.HTTPResponse) -> None:
+        response.headers = http.client.parse_headers(response.fp, cls)
+
+    cls = http.client.HTTPMessage
+    assert lean(closed) is closed
+    later = _begin_like(
+        "def begin(self, *, _max_headers=None):\n"
+        "    self.headers = parse_headers(self.fp, _max_headers=_max_headers)\n"
+    )
+    later.__kwdefaults__ = {"_max_headers": None}
+    assert lean(later) is later
+
+
+def test_a_parse_headers_replaced_later_is_still_the_one_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+
+    def instrumented(fp: Any, _class: Any = http.client.HTTPMessage) -> Any:
+        seen.append(1)
+        return client_module._STOCK_PARSE_HEADERS(fp, _class)
+
+    monkeypatch.setattr(http.client, "parse_headers", instrumented)
+    message = client_module._parse_headers(io.BytesIO(b"X-A: 1\r\n\r\n"))
+    assert seen == [1]
+    assert message.items() == [("X-A", "1")]
