@@ -7,6 +7,7 @@ No connection is made at import time.
 from __future__ import annotations
 
 import os
+import select
 import threading
 from typing import Any
 
@@ -16,6 +17,40 @@ import redis
 CONNECT_TIMEOUT_S = 3.0
 #: Seconds to wait for a Redis reply.
 SOCKET_TIMEOUT_S = 5.0
+
+
+class QuickCheckConnection(redis.Connection):
+    """A TCP connection to Redis whose check before each command is one ``poll``.
+
+    Each time the pool hands a connection out, redis-py checks that nothing is waiting to be read
+    on it (a reply left behind, or the server having closed it): a non-blocking read between two
+    ``settimeout`` calls, three system calls that each let go of the GIL. With nothing buffered
+    and nothing readable on the socket the answer is no, which a ``poll`` with no wait tells in
+    one; when there is something, redis-py's own check runs as before (a connection the server
+    closed is replaced). Where there is no ``poll`` (Windows), redis-py's own check runs."""
+
+    def can_read(self, timeout: float = 0) -> bool:
+        sock = self._sock
+        buffered = getattr(self._parser, "_buffer", None)  # redis-py's own parsers (not hiredis)
+        if (
+            timeout == 0
+            and hasattr(select, "poll")  # not on Windows (read when it is called: gevent's too)
+            and sock is not None
+            and buffered is not None
+            and not buffered.unread_bytes()
+        ):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return False
+        return bool(super().can_read(timeout))
+
+
+def connection_class_for(url: str) -> dict[str, Any]:
+    """``connection_class`` for a client of ``url``: :class:`QuickCheckConnection` for plain TCP
+    (``redis://``); TLS and unix sockets keep redis-py's own (nothing, so the URL decides)."""
+    return {"connection_class": QuickCheckConnection} if url.startswith("redis://") else {}
+
 
 _lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
@@ -44,6 +79,7 @@ def get_redis(url: str) -> redis.Redis:
                     socket_connect_timeout=CONNECT_TIMEOUT_S,
                     socket_timeout=SOCKET_TIMEOUT_S,
                     health_check_interval=30,
+                    **connection_class_for(url),
                 )
                 _clients[url] = client
     return client

@@ -52,6 +52,7 @@ from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
 from .. import redis_scripts, unacked
+from ..redis_client import QuickCheckConnection
 
 __all__ = ["TRANSPORT", "Channel", "QoS", "Transport", "transport_for"]
 
@@ -111,6 +112,8 @@ class Channel(kombu_redis.Channel):
     acknowledge, and a transport without ``ack_emulation``, get kombu's BRPOP only."""
 
     QoS = QoS
+    #: Plain TCP connections check for leftovers with one poll (TLS and unix sockets: kombu's).
+    connection_class = QuickCheckConnection
     _shared_client: Any = None
     #: The queues (by key) of the fetch in flight; None while a BRPOP (or nothing) is.
     _fetching: list[str] | None = None
