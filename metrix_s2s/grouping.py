@@ -2,13 +2,20 @@
 
 A worker of the threads (or gevent) pool runs up to its concurrency of attempts at once, and each
 attempt asks the ledger twice (claim, finish). :class:`GroupCommit` turns those many small script
-calls into few larger ones, with no timer: a thread whose key has no call in flight makes its call
-at once, alone; threads that arrive while it is in flight queue up, and when it returns, the
-oldest of them makes one call for the whole queue (up to :data:`MAX_GROUP` items). Each thread
-makes at most one call, and waits for the call in flight before its own: about one Redis round
-trip. Only callers that meet a call in flight are grouped: in a steady flow slower than one call
-per round trip, nearly every call goes alone. Alone (prefork, solo, a quiet worker), a call costs
-a few microseconds more than a direct one.
+calls into few larger ones: a thread whose key has no call in flight makes its call, for itself
+and for whoever arrived meanwhile; threads that arrive while a call is in flight queue up, and
+when it returns, the oldest of them makes one call for the whole queue (up to :data:`MAX_GROUP`
+items). Each thread makes at most one call, and waits for the call in flight before its own:
+about one Redis round trip.
+
+Meeting a call in flight groups only callers closer together than a round trip. So a caller that
+finds the key free waits ``linger_s`` (a couple of milliseconds) for others before its call, as a
+database's group commit does, while the pool is busy: while another thread called for the same
+key within the last :data:`BUSY_LINGERS` lingers. Attempts 50 ms long, claimed and finished a
+couple of milliseconds apart from the next thread's, then share script calls as a burst does:
+the threads fall into step, starting, finishing and fetching together. One thread alone
+(prefork, solo) never waits, nor does a quiet worker's first caller after a pause: their calls
+cost a few microseconds more than direct ones.
 
 A failed call raises its exception in every thread of its group, as each one's own call would
 have.
@@ -17,6 +24,7 @@ have.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -31,12 +39,18 @@ MAX_GROUP = 128
 
 _UNSET: Any = object()  # no result yet
 
+#: A caller lingers while another thread called for the same key within this many lingers.
+BUSY_LINGERS = 10
+
+_Call = tuple[float, int]  # when a call arrived, and its thread's (or greenlet's) ident
+
 
 class _Slot(Generic[T, R]):
-    __slots__ = ("done", "error", "group", "item", "result")
+    __slots__ = ("done", "error", "group", "item", "linger", "result")
 
     def __init__(self, item: T) -> None:
         self.item = item
+        self.linger = False  # set when this slot leads at once, with others likely to join
         self.done: threading.Event | None = None  # only a caller that queues waits on it
         self.group: list[_Slot[T, R]] | None = None  # set when this slot leads a call
         self.result: R = _UNSET
@@ -49,6 +63,8 @@ class GroupCommit(Generic[K, T, R]):
     ``run`` returns one result per item, in order. ``timeout_s`` bounds a queued caller's wait
     for a call that does not return (a leader's own socket timeouts should end it long before):
     the caller leaves the queue and raises ``on_timeout()``, and its item is not run.
+    ``linger_s`` (0: never) is how long a caller that finds the key free waits for others while
+    calls are dense (see the module's docstring).
 
     A caller interrupted while it waits or leads (a time limit, a killed greenlet) never leaves
     the key busy: a queued caller leaves the queue, a caller handed the lead passes it on, and a
@@ -63,13 +79,18 @@ class GroupCommit(Generic[K, T, R]):
         *,
         timeout_s: float,
         on_timeout: Callable[[], BaseException],
+        linger_s: float = 0.0,
     ) -> None:
         self._run = run
         self._timeout_s = timeout_s
         self._on_timeout = on_timeout
+        self._linger_s = linger_s
         self._lock = threading.Lock()
         self._busy: set[K] = set()
         self._queued: dict[K, list[_Slot[T, R]]] = {}
+        #: Each key's latest call, and the latest before it by another thread (or greenlet):
+        #: when, and by which.
+        self._latest: dict[K, tuple[_Call, _Call | None]] = {}
         #: Calls made and items carried, for the benchmark and the tests.
         self.calls = 0
         self.items = 0
@@ -79,17 +100,21 @@ class GroupCommit(Generic[K, T, R]):
         leading = settled = False
         try:
             with self._lock:
+                dense = self._dense(key)
                 if key in self._busy:
                     slot.done = threading.Event()
                     self._queued.setdefault(key, []).append(slot)
                 else:
                     leading = True  # first: an interruption from here on frees the key
                     slot.group = [slot]
+                    slot.linger = dense
                     self._busy.add(key)
             if not leading:
                 self._wait(key, slot)
                 leading = slot.group is not None
             if leading:
+                if slot.linger:
+                    self._linger(key, slot)
                 self._call(key, slot.group or [slot])
             settled = True
         finally:
@@ -100,6 +125,30 @@ class GroupCommit(Generic[K, T, R]):
         if slot.error is not None:
             raise slot.error
         return slot.result
+
+    def _dense(self, key: K) -> bool:
+        """With the lock held, as a caller arrives: did another thread call for ``key`` within
+        the last :data:`BUSY_LINGERS` lingers? (Then the pool is busy, and others are likely to
+        arrive within one linger.)"""
+        if not self._linger_s:
+            return False
+        now, me = time.monotonic(), threading.get_ident()
+        latest, other = self._latest.get(key, (None, None))
+        if latest is not None and latest[1] != me:
+            other = latest  # the latest call by another thread than this one
+        self._latest[key] = ((now, me), other)
+        return other is not None and now - other[0] <= BUSY_LINGERS * self._linger_s
+
+    def _linger(self, key: K, slot: _Slot[T, R]) -> None:
+        """A leader's wait for others, then the group it leads: itself and those queued since
+        (at most :data:`MAX_GROUP`; the rest wait for the next call)."""
+        time.sleep(self._linger_s)
+        with self._lock:
+            queued = self._queued.pop(key, [])
+            room = MAX_GROUP - 1
+            if queued[room:]:
+                self._queued[key] = queued[room:]
+            slot.group = [slot, *queued[:room]]
 
     def _wait(self, key: K, slot: _Slot[T, R]) -> None:
         """Wait until another caller's call carried this one's item, or this one leads next."""

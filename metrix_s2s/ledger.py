@@ -9,7 +9,7 @@ and one after (:meth:`Ledger.finish`). The same two scripts take many events of 
 round trips in all, not two per event, and the single claims and finishes of concurrent threads
 (the threads and gevent pools) are made together, one script call per group
 (:class:`~metrix_s2s.grouping.GroupCommit`): those that arrive while another is in flight share
-the next call.
+the next call, and while they come dense a call waits :data:`GROUP_LINGER_S` for others.
 
 The ledger also keeps the pending records that the reconciler reads (:meth:`Ledger.stale`,
 :meth:`Ledger.examine`, :meth:`Ledger.claim_stale`). Its keys are listed in
@@ -74,6 +74,10 @@ class Examined:
 #: Seconds a thread waits, at most, for another thread's script call to carry its claim or finish
 #: (that call's own socket timeout ends it long before).
 GROUP_WAIT_S = 4 * SOCKET_TIMEOUT_S
+#: Seconds a thread that finds no claim (or finish) in flight waits for other threads' before
+#: its call, while they come dense (:class:`~metrix_s2s.grouping.GroupCommit`). At 32 threads and
+#: 50 ms answers, 2 ms made a quarter fewer Redis CPU per event and lost no events/s.
+GROUP_LINGER_S = 0.002
 
 
 def _group_timeout() -> BaseException:
@@ -96,6 +100,7 @@ class Ledger:
             lambda key, entries: self.claim_many(entries, key[0], key[1], line=True),
             timeout_s=GROUP_WAIT_S,
             on_timeout=_group_timeout,
+            linger_s=GROUP_LINGER_S,
         )
         self._finishes: GroupCommit[str, tuple[Finish, int], bool] = GroupCommit(
             lambda app_id, ends: self._finish_each(
@@ -103,6 +108,7 @@ class Ledger:
             ),
             timeout_s=GROUP_WAIT_S,
             on_timeout=_group_timeout,
+            linger_s=GROUP_LINGER_S,
         )
 
     # -- one attempt -----------------------------------------------------------------------

@@ -219,6 +219,137 @@ def test_a_leader_interrupted_in_its_call_passes_the_lead_and_tells_its_group() 
     assert group("A", "after") == "after"
 
 
+# -- lingering while the pool is busy -------------------------------------------------------
+
+
+def staggered(group: GroupCommit[str, str, str], n: int, gap_s: float) -> dict[str, object]:
+    """``n`` threads, each calling ``gap_s`` after the one before and living on until all have
+    called (as a pool's threads do: a thread's ident is reused once it ends): what each got."""
+    out: dict[str, object] = {}
+    done = threading.Event()
+
+    def call(i: int) -> None:
+        try:
+            out[f"t{i}"] = group("A", f"item{i}")
+        except BaseException as exc:
+            out[f"t{i}"] = exc
+        done.wait(10)
+
+    threads = []
+    for i in range(n):
+        threads.append(threading.Thread(target=call, args=(i,)))
+        threads[-1].start()
+        time.sleep(gap_s)
+    while len(out) < n and threads[-1].is_alive():
+        time.sleep(0.001)
+    done.set()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def test_while_the_pool_is_busy_a_free_key_waits_for_others_and_calls_for_them_all() -> None:
+    # Given calls that never meet one in flight (each returns at once, the next comes 5 ms on)
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(
+        run, timeout_s=10, on_timeout=timeout, linger_s=0.1
+    )
+    # When eight threads call one after the other
+    out = staggered(group, 8, 0.005)
+    # Then each got its own result; the first went alone (no other thread had called yet) and
+    # the second, the pool now busy, waited for the other six and called for them all
+    assert out == {f"t{i}": f"A:item{i}" for i in range(8)}
+    assert run.calls[0] == ("A", ["item0"])
+    assert len(run.calls) <= 3, run.calls  # 2 unless this machine stalled for 60 ms
+    assert len(run.calls[1][1]) >= 5, run.calls
+    assert free(group)
+
+
+def test_without_a_linger_calls_that_never_meet_go_alone() -> None:
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(run, timeout_s=10, on_timeout=timeout)
+    staggered(group, 8, 0.005)
+    assert [items for _, items in run.calls] == [[f"item{i}"] for i in range(8)]
+
+
+class _Clock:
+    """The group commit's ``time``: its clock, its sleeps recorded and not waited."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+        self.monotonic = time.monotonic
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+@pytest.fixture
+def lingers(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The lingers callers wait, recorded (not waited)."""
+    clock = _Clock()
+    monkeypatch.setattr("metrix_s2s.grouping.time", clock)
+    return clock.slept
+
+
+def test_one_thread_alone_never_lingers(lingers: list[float]) -> None:
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(
+        run, timeout_s=10, on_timeout=timeout, linger_s=0.002
+    )
+    assert [group("A", f"x{i}") for i in range(20)] == [f"A:x{i}" for i in range(20)]
+    assert lingers == []
+    assert len(run.calls) == 20
+
+
+def test_a_quiet_flow_never_lingers_and_a_busy_one_does(lingers: list[float]) -> None:
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(
+        run, timeout_s=10, on_timeout=timeout, linger_s=0.001
+    )
+    # threads calling 30 ms apart: more than ten lingers (10 ms) between them
+    staggered(group, 3, 0.03)
+    assert lingers == []
+    # threads calling a millisecond apart: each caller but the first lingers
+    staggered(group, 3, 0.001)
+    assert lingers == [0.001, 0.001]
+
+
+def test_a_caller_interrupted_while_it_lingers_hands_the_lead_to_those_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a leader that is interrupted while it lingers, with two callers queued behind it
+    queued = threading.Event()
+
+    class Clock(_Clock):
+        def sleep(self, seconds: float) -> None:
+            if threading.current_thread().name == "lingerer":
+                queued.wait(5)
+                raise Interrupted
+
+    monkeypatch.setattr("metrix_s2s.grouping.time", Clock())
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(
+        run, timeout_s=10, on_timeout=timeout, linger_s=0.05
+    )
+    assert group("A", "before") == "A:before"  # this thread's: the pool is busy from here on
+    out: dict[str, object] = {}
+    threads = [start(group, "lingerer", "lost", out)]
+    wait_until_queued = time.monotonic() + 5
+    while "A" not in group._busy and time.monotonic() < wait_until_queued:
+        time.sleep(0.001)
+    threads += [start(group, f"t{i}", f"item{i}", out) for i in range(2)]
+    while len(group._queued.get("A", [])) < 2 and time.monotonic() < wait_until_queued:
+        time.sleep(0.001)
+    queued.set()
+    for t in threads:
+        t.join(10)
+    # Then it is interrupted, its item not run; the others were called for, and the key is free
+    assert isinstance(out["lingerer"], Interrupted)
+    assert [out["t0"], out["t1"]] == ["A:item0", "A:item1"]
+    assert "lost" not in [item for _, items in run.calls for item in items]
+    assert free(group)
+
+
 @pytest.fixture
 def ledger(redis_client: redis.Redis) -> Ledger:
     return Ledger(redis_client, prefix="grp", ttl_s=3600, guard_ttl_s=30)
