@@ -13,9 +13,11 @@ finds the key free waits ``linger_s`` (a couple of milliseconds) for others befo
 database's group commit does, while the pool is busy: while another thread called for the same
 key within the last :data:`BUSY_LINGERS` lingers. Attempts 50 ms long, claimed and finished a
 couple of milliseconds apart from the next thread's, then share script calls as a burst does:
-the threads fall into step, starting, finishing and fetching together. One thread alone
-(prefork, solo) never waits, nor does a quiet worker's first caller after a pause: their calls
-cost a few microseconds more than direct ones.
+the threads fall into step, starting, finishing and fetching together. A linger that brought
+nobody makes the next few leaders go at once, so that threads taking turns without ever
+meeting seldom wait for nothing. One thread alone (the per-event path under prefork or solo)
+never waits, nor does a quiet worker's first caller after a pause: their calls cost a few
+microseconds more than direct ones.
 
 A failed call raises its exception in every thread of its group, as each one's own call would
 have.
@@ -41,6 +43,9 @@ _UNSET: Any = object()  # no result yet
 
 #: A caller lingers while another thread called for the same key within this many lingers.
 BUSY_LINGERS = 10
+#: After a linger that brought nobody, this many of the key's next leaders go at once (so that
+#: threads taking turns, never close enough to share a call, rarely wait for nothing).
+SKIPS_AFTER_IDLE_LINGER = 8
 
 _Call = tuple[float, int]  # when a call arrived, and its thread's (or greenlet's) ident
 
@@ -91,6 +96,8 @@ class GroupCommit(Generic[K, T, R]):
         #: Each key's latest call, and the latest before it by another thread (or greenlet):
         #: when, and by which.
         self._latest: dict[K, tuple[_Call, _Call | None]] = {}
+        #: Leaders of each key still to go at once after a linger that brought nobody.
+        self._skips: dict[K, int] = {}
         #: Calls made and items carried, for the benchmark and the tests.
         self.calls = 0
         self.items = 0
@@ -127,9 +134,10 @@ class GroupCommit(Generic[K, T, R]):
         return slot.result
 
     def _dense(self, key: K) -> bool:
-        """With the lock held, as a caller arrives: did another thread call for ``key`` within
-        the last :data:`BUSY_LINGERS` lingers? (Then the pool is busy, and others are likely to
-        arrive within one linger.)"""
+        """With the lock held, as a caller arrives: should it linger if it leads? While another
+        thread called for ``key`` within the last :data:`BUSY_LINGERS` lingers (the pool is
+        busy: others are likely to arrive within one), unless the key's last linger brought
+        nobody and this caller is one of the next :data:`SKIPS_AFTER_IDLE_LINGER`."""
         if not self._linger_s:
             return False
         now, me = time.monotonic(), threading.get_ident()
@@ -137,18 +145,29 @@ class GroupCommit(Generic[K, T, R]):
         if latest is not None and latest[1] != me:
             other = latest  # the latest call by another thread than this one
         self._latest[key] = ((now, me), other)
-        return other is not None and now - other[0] <= BUSY_LINGERS * self._linger_s
+        if other is None or now - other[0] > BUSY_LINGERS * self._linger_s:
+            return False
+        skips = self._skips.get(key, 0)
+        if skips and key not in self._busy:  # a leader that goes at once: one skip used
+            self._skips[key] = skips - 1
+            return False
+        return True
 
     def _linger(self, key: K, slot: _Slot[T, R]) -> None:
         """A leader's wait for others, then the group it leads: itself and those queued since
-        (at most :data:`MAX_GROUP`; the rest wait for the next call)."""
+        (at most :data:`MAX_GROUP`; the rest wait for the next call). A wait that brought nobody
+        makes the key's next :data:`SKIPS_AFTER_IDLE_LINGER` leaders go at once."""
         time.sleep(self._linger_s)
         with self._lock:
-            queued = self._queued.pop(key, [])
+            queued = self._queued.get(key)
+            if not queued:
+                self._skips[key] = SKIPS_AFTER_IDLE_LINGER
+                return
             room = MAX_GROUP - 1
-            if queued[room:]:
-                self._queued[key] = queued[room:]
-            slot.group = [slot, *queued[:room]]
+            slot.group = [slot, *queued[:room]]  # in the group before out of the queue
+            del queued[:room]
+            if not queued:
+                del self._queued[key]
 
     def _wait(self, key: K, slot: _Slot[T, R]) -> None:
         """Wait until another caller's call carried this one's item, or this one leads next."""
@@ -161,7 +180,9 @@ class GroupCommit(Generic[K, T, R]):
                 queued.remove(slot)
                 slot.error = self._on_timeout()
                 return
-        slot.done.wait()  # carried or handed the lead meanwhile: that is on its way
+        # carried or handed the lead meanwhile: that is on its way (bounded all the same)
+        if not slot.done.wait(self._timeout_s):
+            slot.error = self._on_timeout()
 
     def _call(self, key: K, group: list[_Slot[T, R]]) -> None:
         """Make the call for ``group``; each slot gets its result or the call's exception. An

@@ -6,17 +6,35 @@ No connection is made at import time.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import select
+import sys
 import threading
 from typing import Any
 
 import redis
+from redis._parsers.socket import SocketBuffer
 
 #: Seconds to wait for a TCP connection to Redis before giving up.
 CONNECT_TIMEOUT_S = 3.0
 #: Seconds to wait for a Redis reply.
 SOCKET_TIMEOUT_S = 5.0
+
+
+@functools.cache
+def _real_poll() -> Any:
+    """``select.poll`` as the operating system gives it (None where there is none: Windows).
+
+    Under gevent's monkey-patching ``select.poll`` is gevent's, whose ``poll(0)`` goes through
+    its hub and lets other greenlets run; a poll that never waits needs none of that. Looked up
+    once per process, on first use (gevent patches first thing, and its original is kept)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        with contextlib.suppress(Exception):
+            return monkey.get_original("select", "poll")
+    return getattr(select, "poll", None)
 
 
 class QuickCheckConnection(redis.Connection):
@@ -27,22 +45,29 @@ class QuickCheckConnection(redis.Connection):
     ``settimeout`` calls, three system calls that each let go of the GIL. With nothing buffered
     and nothing readable on the socket the answer is no, which a ``poll`` with no wait tells in
     one; when there is something, redis-py's own check runs as before (a connection the server
-    closed is replaced). Where there is no ``poll`` (Windows), redis-py's own check runs."""
+    closed is replaced). Where that cannot be told so (no ``poll``, as on Windows; another
+    parser than redis-py's own, such as hiredis; a socket that is no longer open), redis-py's own
+    check runs."""
 
     def can_read(self, timeout: float = 0) -> bool:
         sock = self._sock
-        buffered = getattr(self._parser, "_buffer", None)  # redis-py's own parsers (not hiredis)
+        buffered = getattr(self._parser, "_buffer", None)
         if (
             timeout == 0
-            and hasattr(select, "poll")  # not on Windows (read when it is called: gevent's too)
             and sock is not None
-            and buffered is not None
+            and isinstance(buffered, SocketBuffer)  # redis-py's own parsers
             and not buffered.unread_bytes()
         ):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            if not poller.poll(0):
-                return False
+            poll = _real_poll()
+            if poll is not None:
+                try:
+                    poller = poll()
+                    poller.register(sock, select.POLLIN)
+                    readable = poller.poll(0)
+                except (OSError, ValueError):  # closed under us: redis-py's check says so
+                    readable = True
+                if not readable:
+                    return False
         return bool(super().can_read(timeout))
 
 

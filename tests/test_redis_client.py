@@ -4,6 +4,8 @@ real Redis (a connection the server closed) and in system calls."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -74,3 +76,54 @@ def test_a_connection_the_server_closed_is_found_and_replaced(
     # Then it went out on a new connection, and was answered
     assert client.echo("after") == b"after"
     assert client.client_id() != first
+
+
+def test_a_socket_closed_under_the_client_is_replaced(client: redis.Redis) -> None:
+    # Given the pooled connection's socket closed behind redis-py's back
+    conn = client.connection_pool.get_connection()
+    conn._sock.close()
+    client.connection_pool.release(conn)
+    # When the client sends a command, then it went out on a new connection
+    assert client.echo("after") == b"after"
+
+
+def test_another_parser_than_redis_pys_own_gets_redis_pys_check(redis_url: str) -> None:
+    # Given a connection whose parser keeps its own buffer (as hiredis's does: a bytearray)
+    asked: list[float] = []
+
+    class Parser:
+        _buffer = bytearray(16)
+
+        def can_read(self, timeout: float) -> bool:
+            asked.append(timeout)
+            return False
+
+    conn = QuickCheckConnection(**redis.ConnectionPool.from_url(redis_url).connection_kwargs)
+    conn.connect()
+    try:
+        real, conn._parser = conn._parser, Parser()
+        # When the pool checks it, then the parser's own check answered
+        assert conn.can_read() is False
+        assert asked == [0]
+    finally:
+        conn._parser = real
+        conn.disconnect()
+
+
+def test_under_gevent_the_check_polls_without_the_hub(redis_url: str) -> None:
+    script = f"""
+from gevent import monkey
+monkey.patch_all()
+import select
+import redis
+from metrix_s2s.redis_client import _real_poll, get_redis
+assert select.poll is not monkey.get_original("select", "poll")  # gevent's
+assert _real_poll() is monkey.get_original("select", "poll")
+client = get_redis({redis_url!r})
+assert [client.echo(str(n)) for n in range(3)] == [b"0", b"1", b"2"]
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
