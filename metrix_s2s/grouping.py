@@ -13,9 +13,9 @@ finds the key free waits ``linger_s`` (a couple of milliseconds) for others befo
 database's group commit does, while the pool is busy: while another thread called for the same
 key within the last :data:`BUSY_LINGERS` lingers. Attempts 50 ms long, claimed and finished a
 couple of milliseconds apart from the next thread's, then share script calls as a burst does:
-the threads fall into step, starting, finishing and fetching together. A linger that brought
-nobody makes the next few leaders go at once, so that threads taking turns without ever
-meeting seldom wait for nothing. One thread alone (the per-event path under prefork or solo)
+the threads fall into step, starting, finishing and fetching together. While a key's lingers
+mostly bring nobody (threads taking turns without ever meeting), its leaders go at once but for
+an occasional probe. One thread alone (the per-event path under prefork or solo)
 never waits, nor does a quiet worker's first caller after a pause: their calls cost a few
 microseconds more than direct ones.
 
@@ -43,9 +43,14 @@ _UNSET: Any = object()  # no result yet
 
 #: A caller lingers while another thread called for the same key within this many lingers.
 BUSY_LINGERS = 10
-#: After a linger that brought nobody, this many of the key's next leaders go at once (so that
-#: threads taking turns, never close enough to share a call, rarely wait for nothing).
-SKIPS_AFTER_IDLE_LINGER = 8
+#: How often a key's lingers brought others, as a moving average (each linger weighs this much);
+#: below :data:`MIN_LINGER_YIELD` its leaders go at once, but for one in :data:`PROBE_EVERY`,
+#: which lingers to see whether lingering pays again. Threads taking turns, never close enough
+#: to share a call, so seldom wait for nothing; a busy pool, whose lingers mostly bring others,
+#: keeps lingering through the odd one that brings nobody.
+LINGER_WEIGHT = 0.25
+MIN_LINGER_YIELD = 0.25
+PROBE_EVERY = 8
 
 _Call = tuple[float, int]  # when a call arrived, and its thread's (or greenlet's) ident
 
@@ -96,8 +101,10 @@ class GroupCommit(Generic[K, T, R]):
         #: Each key's latest call, and the latest before it by another thread (or greenlet):
         #: when, and by which.
         self._latest: dict[K, tuple[_Call, _Call | None]] = {}
-        #: Leaders of each key still to go at once after a linger that brought nobody.
-        self._skips: dict[K, int] = {}
+        #: Each key's lingers: how often they brought others (moving average, from 1), and how
+        #: many leaders have gone at once since its last probe.
+        self._yield: dict[K, float] = {}
+        self._skipped: dict[K, int] = {}
         #: Calls made and items carried, for the benchmark and the tests.
         self.calls = 0
         self.items = 0
@@ -136,8 +143,8 @@ class GroupCommit(Generic[K, T, R]):
     def _dense(self, key: K) -> bool:
         """With the lock held, as a caller arrives: should it linger if it leads? While another
         thread called for ``key`` within the last :data:`BUSY_LINGERS` lingers (the pool is
-        busy: others are likely to arrive within one), unless the key's last linger brought
-        nobody and this caller is one of the next :data:`SKIPS_AFTER_IDLE_LINGER`."""
+        busy: others are likely to arrive within one), and the key's lingers have been bringing
+        others (:data:`MIN_LINGER_YIELD`; else one leader in :data:`PROBE_EVERY`)."""
         if not self._linger_s:
             return False
         now, me = time.monotonic(), threading.get_ident()
@@ -147,21 +154,22 @@ class GroupCommit(Generic[K, T, R]):
         self._latest[key] = ((now, me), other)
         if other is None or now - other[0] > BUSY_LINGERS * self._linger_s:
             return False
-        skips = self._skips.get(key, 0)
-        if skips and key not in self._busy:  # a leader that goes at once: one skip used
-            self._skips[key] = skips - 1
-            return False
-        return True
+        if self._yield.get(key, 1.0) >= MIN_LINGER_YIELD or key in self._busy:
+            return True
+        skipped = self._skipped.get(key, 0) + 1  # a leader that would go at once: probe?
+        self._skipped[key] = 0 if skipped >= PROBE_EVERY else skipped
+        return skipped >= PROBE_EVERY
 
     def _linger(self, key: K, slot: _Slot[T, R]) -> None:
         """A leader's wait for others, then the group it leads: itself and those queued since
-        (at most :data:`MAX_GROUP`; the rest wait for the next call). A wait that brought nobody
-        makes the key's next :data:`SKIPS_AFTER_IDLE_LINGER` leaders go at once."""
+        (at most :data:`MAX_GROUP`; the rest wait for the next call)."""
         time.sleep(self._linger_s)
         with self._lock:
             queued = self._queued.get(key)
+            brought = 1.0 if queued else 0.0
+            average = self._yield.get(key, 1.0)
+            self._yield[key] = average + LINGER_WEIGHT * (brought - average)
             if not queued:
-                self._skips[key] = SKIPS_AFTER_IDLE_LINGER
                 return
             room = MAX_GROUP - 1
             slot.group = [slot, *queued[:room]]  # in the group before out of the queue
