@@ -15,9 +15,9 @@ key within the last :data:`BUSY_LINGERS` lingers. Attempts 50 ms long, claimed a
 couple of milliseconds apart from the next thread's, then share script calls as a burst does:
 the threads fall into step, starting, finishing and fetching together. While a key's lingers
 mostly bring nobody (threads taking turns without ever meeting), its leaders go at once but for
-an occasional probe. One thread alone (the per-event path under prefork or solo)
-never waits, nor does a quiet worker's first caller after a pause: their calls cost a few
-microseconds more than direct ones.
+an occasional probe. One thread alone (the per-event path under prefork or solo) never waits,
+nor does a quiet worker's first caller after a pause: their calls cost a few microseconds more
+than direct ones.
 
 A failed call raises its exception in every thread of its group, as each one's own call would
 have.
@@ -74,7 +74,7 @@ class GroupCommit(Generic[K, T, R]):
     for a call that does not return (a leader's own socket timeouts should end it long before):
     the caller leaves the queue and raises ``on_timeout()``, and its item is not run.
     ``linger_s`` (0: never) is how long a caller that finds the key free waits for others while
-    calls are dense (see the module's docstring).
+    the pool is busy (see the module's docstring).
 
     A caller interrupted while it waits or leads (a time limit, a killed greenlet) never leaves
     the key busy: a queued caller leaves the queue, a caller handed the lead passes it on, and a
@@ -114,14 +114,14 @@ class GroupCommit(Generic[K, T, R]):
         leading = settled = False
         try:
             with self._lock:
-                dense = self._dense(key)
+                linger = self._should_linger(key)
                 if key in self._busy:
                     slot.done = threading.Event()
                     self._queued.setdefault(key, []).append(slot)
                 else:
                     leading = True  # first: an interruption from here on frees the key
                     slot.group = [slot]
-                    slot.linger = dense
+                    slot.linger = linger
                     self._busy.add(key)
             if not leading:
                 self._wait(key, slot)
@@ -140,7 +140,7 @@ class GroupCommit(Generic[K, T, R]):
             raise slot.error
         return slot.result
 
-    def _dense(self, key: K) -> bool:
+    def _should_linger(self, key: K) -> bool:
         """With the lock held, as a caller arrives: should it linger if it leads? While another
         thread called for ``key`` within the last :data:`BUSY_LINGERS` lingers (the pool is
         busy: others are likely to arrive within one), and the key's lingers have been bringing
