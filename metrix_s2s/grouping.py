@@ -47,7 +47,8 @@ BUSY_LINGERS = 10
 #: below :data:`MIN_LINGER_YIELD` its leaders go at once, but for one in :data:`PROBE_EVERY`,
 #: which lingers to see whether lingering pays again. Threads taking turns, never close enough
 #: to share a call, so seldom wait for nothing; a busy pool, whose lingers mostly bring others,
-#: keeps lingering through the odd one that brings nobody.
+#: keeps lingering through the odd one that brings nobody. A probe that brings others lifts the
+#: average to at least the weight, which is the threshold: one such probe resumes lingering.
 LINGER_WEIGHT = 0.25
 MIN_LINGER_YIELD = 0.25
 PROBE_EVERY = 8
@@ -155,6 +156,7 @@ class GroupCommit(Generic[K, T, R]):
         if other is None or now - other[0] > BUSY_LINGERS * self._linger_s:
             return False
         if self._yield.get(key, 1.0) >= MIN_LINGER_YIELD or key in self._busy:
+            self._skipped.pop(key, None)  # lingering pays: the probes' count starts afresh
             return True
         skipped = self._skipped.get(key, 0) + 1  # a leader that would go at once: probe?
         self._skipped[key] = 0 if skipped >= PROBE_EVERY else skipped
@@ -188,9 +190,7 @@ class GroupCommit(Generic[K, T, R]):
                 queued.remove(slot)
                 slot.error = self._on_timeout()
                 return
-        # carried or handed the lead meanwhile: that is on its way (bounded all the same)
-        if not slot.done.wait(self._timeout_s):
-            slot.error = self._on_timeout()
+        slot.done.wait()  # carried or handed the lead meanwhile: that is on its way
 
     def _call(self, key: K, group: list[_Slot[T, R]]) -> None:
         """Make the call for ``group``; each slot gets its result or the call's exception. An

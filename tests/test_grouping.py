@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from metrix_s2s import grouping
 from metrix_s2s.grouping import GroupCommit
 from metrix_s2s.ledger import ClaimState, FinishMode, Ledger, Limits
 from metrix_s2s.ratelimit import RateLimit
@@ -260,8 +261,8 @@ def test_while_the_pool_is_busy_a_free_key_waits_for_others_and_calls_for_them_a
     # the second, the pool now busy, waited for the other six and called for them all
     assert out == {f"t{i}": f"A:item{i}" for i in range(8)}
     assert run.calls[0] == ("A", ["item0"])
-    assert len(run.calls) <= 3, run.calls  # 2 unless this machine stalled for 60 ms
-    assert len(run.calls[1][1]) >= 5, run.calls
+    assert len(run.calls) <= 3, run.calls  # 2 unless this machine stalled a thread
+    assert max(len(items) for _, items in run.calls) >= 5, run.calls
     assert free(group)
 
 
@@ -306,12 +307,13 @@ def test_a_quiet_flow_never_lingers_and_a_busy_one_does(lingers: list[float]) ->
     group: GroupCommit[str, str, str] = GroupCommit(
         run, timeout_s=10, on_timeout=timeout, linger_s=0.001
     )
-    # threads calling 30 ms apart: more than ten lingers (10 ms) between them
-    staggered(group, 3, 0.03)
+    # threads calling 60 ms apart: far more than ten lingers (10 ms) between them
+    staggered(group, 3, 0.06)
     assert lingers == []
-    # threads calling a millisecond apart: the second lingers (the first found no other)
-    staggered(group, 3, 0.001)
-    assert lingers[:1] == [0.001]
+    # threads calling 5 ms apart: those that find the key free linger (the first found no other)
+    staggered(group, 5, 0.005)
+    assert lingers
+    assert set(lingers) == {0.001}
 
 
 def test_threads_taking_turns_without_meeting_seldom_linger(lingers: list[float]) -> None:
@@ -333,9 +335,26 @@ def test_threads_taking_turns_without_meeting_seldom_linger(lingers: list[float]
     for t in threads:
         t.join(10)
     # Then once their lingers had brought nobody for a while (five), the leaders went at once
-    # but for a probe in eight: of 40 calls, about ten lingered
+    # but for a probe in eight: of 40 calls, about nine lingered
     assert len(run.calls) == 40
-    assert 5 <= len(lingers) <= 12, lingers
+    assert 7 <= len(lingers) <= 12, lingers
+
+
+def test_a_probe_that_brings_others_resumes_lingering() -> None:
+    # Given a key whose lingers brought nobody for long, its next eligible leader due to probe
+    run = Slow(delay=0)
+    group: GroupCommit[str, str, str] = GroupCommit(
+        run, timeout_s=10, on_timeout=timeout, linger_s=0.05
+    )
+    assert group("A", "warm") == "A:warm"  # this thread's call: the pool is busy from here on
+    group._yield["A"] = 0.0
+    group._skipped["A"] = grouping.PROBE_EVERY - 1
+    # When threads call 5 ms apart
+    out = staggered(group, 4, 0.005)
+    # Then the probe waited for the others and called for them, and lingering pays again
+    assert out == {f"t{i}": f"A:item{i}" for i in range(4)}
+    assert max(len(items) for _, items in run.calls) >= 3, run.calls
+    assert group._yield["A"] >= grouping.MIN_LINGER_YIELD
 
 
 def test_a_caller_interrupted_while_it_lingers_hands_the_lead_to_those_queued(
