@@ -15,7 +15,11 @@ import threading
 from typing import Any
 
 import redis
-from redis._parsers.socket import SocketBuffer
+
+try:  # redis-py's own parsers' buffer (redis-py 5 and later)
+    from redis._parsers.socket import SocketBuffer as _SocketBuffer
+except ImportError:  # kept elsewhere: redis-py's own check, always
+    _SocketBuffer = None  # type: ignore[assignment,misc]
 
 #: Seconds to wait for a TCP connection to Redis before giving up.
 CONNECT_TIMEOUT_S = 3.0
@@ -55,7 +59,8 @@ class QuickCheckConnection(redis.Connection):
         if (
             timeout == 0
             and sock is not None
-            and isinstance(buffered, SocketBuffer)  # redis-py's own parsers
+            and _SocketBuffer is not None
+            and isinstance(buffered, _SocketBuffer)  # redis-py's own parsers
             and not buffered.unread_bytes()
         ):
             poll = _real_poll()
