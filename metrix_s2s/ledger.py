@@ -9,7 +9,7 @@ and one after (:meth:`Ledger.finish`). The same two scripts take many events of 
 round trips in all, not two per event, and the single claims and finishes of concurrent threads
 (the threads and gevent pools) are made together, one script call per group
 (:class:`~metrix_s2s.grouping.GroupCommit`): those that arrive while another is in flight share
-the next call, and while they come dense a call waits :data:`GROUP_LINGER_S` for others.
+the next call, and while the pool is busy a call waits :data:`GROUP_LINGER_S` for others.
 
 The ledger also keeps the pending records that the reconciler reads (:meth:`Ledger.stale`,
 :meth:`Ledger.examine`, :meth:`Ledger.claim_stale`). Its keys are listed in
@@ -75,8 +75,9 @@ class Examined:
 #: (that call's own socket timeout ends it long before).
 GROUP_WAIT_S = 4 * SOCKET_TIMEOUT_S
 #: Seconds a thread that finds no claim (or finish) in flight waits for other threads' before
-#: its call, while they come dense (:class:`~metrix_s2s.grouping.GroupCommit`). At 32 threads and
-#: 50 ms answers, 2 ms made a quarter fewer Redis CPU per event and lost no events/s.
+#: its call, while the pool is busy (:class:`~metrix_s2s.grouping.GroupCommit`). At 32 threads
+#: and 50 ms answers, 2 ms took a fifth off Redis's CPU per event and a sixth off the worker's,
+#: and the worker delivered 7% more events/s.
 GROUP_LINGER_S = 0.002
 
 
