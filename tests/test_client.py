@@ -376,17 +376,25 @@ def test_header_lines_make_the_message_the_email_parser_makes(block: bytes) -> N
     assert _state(client_module.parse_header_lines(lines)) == _state(_by_email(lines))
 
 
-def test_plain_header_lines_are_read_without_the_email_parser_and_others_with_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def watch_email_parser(monkeypatch: pytest.MonkeyPatch, thread: int | None = None) -> list[str]:
+    """The texts the ``email`` package's parser is given from now on (in ``thread`` only, when
+    given), each still parsed."""
     parsed: list[str] = []
     real = email.parser.Parser.parsestr
 
     def parsestr(parser: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
-        parsed.append(text)
+        if thread is None or threading.get_ident() == thread:
+            parsed.append(text)
         return real(parser, text, headersonly)
 
     monkeypatch.setattr(email.parser.Parser, "parsestr", parsestr)
+    return parsed
+
+
+def test_plain_header_lines_are_read_without_the_email_parser_and_others_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed = watch_email_parser(monkeypatch)
     for block in PLAIN_BLOCKS.values():
         client_module.parse_header_lines(_lines(block))
     assert parsed == []
@@ -400,15 +408,7 @@ def test_a_post_reads_its_answer_without_the_email_parser(
 ) -> None:
     # Given the email package's parser watched in this thread (the fake server's threads parse
     # the requests with it)
-    here, parsed = threading.get_ident(), []
-    real = email.parser.Parser.parsestr
-
-    def parsestr(parser: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
-        if threading.get_ident() == here:
-            parsed.append(text)
-        return real(parser, text, headersonly)
-
-    monkeypatch.setattr(email.parser.Parser, "parsestr", parsestr)
+    parsed = watch_email_parser(monkeypatch, threading.get_ident())
     # When events are sent, one of them answered 429 with a Retry-After
     accepted = client.send(APP_ID, DEV_KEY, make_event())
     fake_metrix.inject(429, retry_after="7")
@@ -452,14 +452,7 @@ def test_an_answer_with_a_folded_header_is_read_by_the_email_parser(
     # Given a server whose answer folds its Retry-After over two lines, and the email parser's
     # calls counted
     server = _Canned(b"HTTP/1.1 503 Busy\r\nRetry-After:\r\n 9\r\nContent-Length: 4\r\n\r\nbusy")
-    parsed: list[str] = []
-    real = email.parser.Parser.parsestr
-
-    def parsestr(parser: email.parser.Parser, text: str, headersonly: bool = False) -> Any:
-        parsed.append(text)
-        return real(parser, text, headersonly)
-
-    monkeypatch.setattr(email.parser.Parser, "parsestr", parsestr)
+    parsed = watch_email_parser(monkeypatch)
     # When an event is sent there
     outcome = server.send()
     # Then the email parser read the answer's headers: retryable, after 9 seconds
