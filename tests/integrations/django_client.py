@@ -39,40 +39,38 @@ def main() -> int:
     call_command("migrate", run_syncdb=True, verbosity=0)
     requests = json.load(sys.stdin)
     writes: list[dict[str, Any]] = []
-    watched = connection.execute_wrapper(_watching(writes))
-    watched.__enter__()
     client = Client(raise_request_exception=False)
     server: ThreadedWSGIServer | None = None
     responses: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
-        for request in requests:
-            if request.get("relay"):
-                from metrix_s2s.contrib.django.outbox import relay_once
+        with connection.execute_wrapper(_watching(writes)):
+            for request in requests:
+                if request.get("relay"):
+                    from metrix_s2s.contrib.django.outbox import relay_once
 
-                relay_once(min_age_s=0)
-                continue
-            path = "/" + request["view"]
-            data = json.dumps(request["event"])
-            if request.get("via", "client") == "client":
-                response = client.post(path, data, content_type="application/json")
-                exc_info = getattr(response, "exc_info", None)
-                responses.append(
-                    {
-                        "status": response.status_code,
-                        "body": as_json(response.content),
-                        "error": repr(exc_info[1]) if exc_info else None,
-                    }
-                )
-                continue
-            if server is None:
-                server = ThreadedWSGIServer(("127.0.0.1", 0), WSGIRequestHandler)
-                server.set_app(get_wsgi_application())
-                threading.Thread(target=server.serve_forever, daemon=True).start()
-            url = f"http://127.0.0.1:{server.server_address[1]}{path}"
-            responses.append(post_over_http(url, data.encode()) | {"error": None})
+                    relay_once(min_age_s=0)
+                    continue
+                path = "/" + request["view"]
+                data = json.dumps(request["event"])
+                if request.get("via", "client") == "client":
+                    response = client.post(path, data, content_type="application/json")
+                    exc_info = getattr(response, "exc_info", None)
+                    responses.append(
+                        {
+                            "status": response.status_code,
+                            "body": as_json(response.content),
+                            "error": repr(exc_info[1]) if exc_info else None,
+                        }
+                    )
+                    continue
+                if server is None:
+                    server = ThreadedWSGIServer(("127.0.0.1", 0), WSGIRequestHandler)
+                    server.set_app(get_wsgi_application())
+                    threading.Thread(target=server.serve_forever, daemon=True).start()
+                url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+                responses.append(post_over_http(url, data.encode()) | {"error": None})
     finally:
-        watched.__exit__(None, None, None)
         if server is not None:
             server.shutdown()
             server.server_close()
